@@ -1,0 +1,198 @@
+"""open_clip backbones: architecture names + pretrained tags, local weight files, ``local-dir:`` and
+``hf-hub:`` bundles, the shipped ``numclip-tiny`` config, and device choice.
+
+Weights are only ever read with ``weights_only=True`` (torch files) or from safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from numclip_cli.errors import UsageError, WeightsError
+
+TINY_MODEL = "numclip-tiny"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+NO_WEIGHTS = "none"
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+HOW_TO_PROVIDE_WEIGHTS = (
+    "provide weights in one of three ways: --pretrained FILE (a local open_clip .safetensors/.bin file), "
+    "--model local-dir:DIR (a folder with open_clip_config.json and weights), or put them in the Hugging Face "
+    "cache (HF_HOME) on a machine with network and copy it here; to try numclip without any download, use "
+    "the shipped demo: numclip predict IMAGES --checkpoint weights/numclip-tiny-dots.safetensors"
+)
+
+
+def set_offline() -> None:
+    """Never touch the network: must run before huggingface_hub is imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def resolve_device(spec: str = "auto") -> Any:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``; usage error when unavailable."""
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' requested but MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def register_model_configs() -> None:
+    """Make the shipped architectures (``numclip-tiny``) known to open_clip."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(Path(str(resources.files("numclip_cli") / "model_configs")))
+
+
+@dataclass
+class Backbone:
+    """A loaded open_clip model with its preprocessing and tokenizer, and where it came from."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    name: str
+    pretrained: str
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's preprocessing settings (size, mean, std, interpolation, resize mode)."""
+        return dict(self.model.visual.preprocess_cfg)
+
+    @property
+    def image_size(self) -> int:
+        """Square input size of the image tower."""
+        size = self.preprocess_cfg["size"]
+        return int(size[0] if isinstance(size, list | tuple) else size)
+
+    @property
+    def random_init(self) -> bool:
+        """True when no pretrained weights were loaded (so a checkpoint must carry the whole backbone)."""
+        return self.pretrained == NO_WEIGHTS
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata stored in checkpoints: enough to rebuild this backbone."""
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": self.preprocess_cfg,
+        }
+
+
+def _is_weight_file(pretrained: str) -> bool:
+    return pretrained.lower().endswith(WEIGHT_FILE_SUFFIXES) or os.sep in pretrained or pretrained.startswith(".")
+
+
+def load_backbone(
+    name: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    device: Any = "cpu",
+    model_cfg: dict[str, Any] | None = None,
+) -> Backbone:
+    """Build an open_clip model; ``model_cfg`` registers an architecture unknown to this install first."""
+    import open_clip
+
+    register_model_configs()
+    schema = name.split(":", 1)[0] + ":" if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) else None
+    if schema is None and name not in open_clip.list_models():
+        if not model_cfg:
+            raise UsageError(f"unknown model {name!r}: use an open_clip name (e.g. {DEFAULT_MODEL}), "
+                             f"{TINY_MODEL}, {HF_HUB_PREFIX}ORG/REPO or {LOCAL_DIR_PREFIX}DIR")
+        _register_config(name, model_cfg)
+    tag: str | None = None if (schema or pretrained.lower() == NO_WEIGHTS) else pretrained
+    if tag and _is_weight_file(tag) and not Path(tag).is_file():
+        raise WeightsError(f"weights file not found: {tag}")
+    if tag and not _is_weight_file(tag):
+        known = open_clip.list_pretrained_tags_by_model(name)
+        if tag not in known:
+            raise UsageError(f"unknown pretrained tag {tag!r} for {name}: known tags {known}, "
+                             f"a weights file, or 'none'")
+        _check_hub_weights(name, tag)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device, weights_only=True
+        )
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/UnpicklingError
+        raise _weights_error(name, pretrained, exc) from exc
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = model_cfg or open_clip.get_model_config(name) or {}
+    label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name,
+                    pretrained=label, model_cfg=cfg)
+
+
+def _check_hub_weights(name: str, tag: str) -> None:
+    """Fail fast (instead of minutes of retries) when tagged weights are neither cached nor reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
+    if not hub:
+        return  # a plain URL download: let open_clip try it
+    repo, filename = hub.rstrip("/"), ""
+    if not hub.endswith("/"):
+        repo, filename = os.path.split(hub)
+    candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in candidates):
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise WeightsError(f"weights for {name} / {tag} are not in the local Hugging Face cache and --offline "
+                           f"forbids downloading them; {HOW_TO_PROVIDE_WEIGHTS}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise WeightsError(f"weights for {name} / {tag} are not in the local Hugging Face cache and {host} "
+                           f"cannot be reached; {HOW_TO_PROVIDE_WEIGHTS}") from None
+
+
+def _register_config(name: str, model_cfg: dict[str, Any]) -> None:
+    """Register an architecture carried by a checkpoint (open_clip reads configs from files)."""
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="numclip-cfg-"))
+    (folder / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
+    open_clip.add_model_config(folder)
+
+
+def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:
+    """Turn open_clip's loading failures into one actionable line."""
+    text = " ".join(str(exc).split())
+    if "weights_only" in text or "Unpickl" in type(exc).__name__ or "pickle" in text.lower():
+        return WeightsError(f"refusing to load {pretrained}: it is not a plain tensor file "
+                            f"(unpickling arbitrary objects is disabled for safety)")
+    if len(text) > 160:
+        text = text[:160] + "…"
+    offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return WeightsError(f"cannot load weights for {name} / {pretrained}{offline}: {text}. "
+                        f"{HOW_TO_PROVIDE_WEIGHTS}")

@@ -1,0 +1,42 @@
+"""The ``numclip`` Typer application: one module per subcommand, heavy imports deferred until a command runs."""
+
+from __future__ import annotations
+
+import typer
+
+from numclip_cli import __version__
+from numclip_cli.cli.predict import predict
+from numclip_cli.cli.synth import synth
+from numclip_cli.cli.tasks import tasks
+from numclip_cli.cli.train import train
+
+app = typer.Typer(
+    name="numclip",
+    help="Teach CLIP to predict ordered numbers (age, decade, aesthetics grade) from images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(predict)
+app.command()(train)
+app.command()(synth)
+app.command()(tasks)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"numclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """numclip: ordinal regression with CLIP, for shell pipelines."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

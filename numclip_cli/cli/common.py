@@ -1,0 +1,142 @@
+"""Shared CLI plumbing: the common model options, stderr reporting, and errors → exit codes in one place.
+
+Only Typer and the standard library are imported at module level so ``numclip --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+TaskOpt = Annotated[str | None, typer.Option(
+    "--task", help="Built-in task (age, hci, aesthetics) or a task spec file (.toml/.json).")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--checkpoint", help="A numclip .safetensors checkpoint; it carries its task, backbone and calibration.")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="open_clip architecture (ViT-B-16, ...), numclip-tiny, hf-hub:ORG/REPO or local-dir:DIR.")]
+PretrainedOpt = Annotated[str | None, typer.Option(
+    "--pretrained", help="open_clip pretrained tag (openai, ...), a local weights file, or 'none' (random init).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA if present).")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (sets HF_HUB_OFFLINE=1).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More on stderr, tracebacks included.")]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; treated like Ctrl-C so finished work is kept."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class Reporter:
+    """Everything for people goes to stderr; stdout carries only results."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
+        from rich.console import Console
+
+        self.quiet, self.verbose = quiet, verbose
+        self.console = Console(stderr=True, highlight=False)
+
+    @property
+    def interactive(self) -> bool:
+        """Whether a progress bar makes sense (stderr is a terminal and not quiet)."""
+        return self.console.is_terminal and not self.quiet
+
+    def info(self, message: str) -> None:
+        """A normal status line."""
+        if not self.quiet:
+            self.console.print(f"numclip: {message}", markup=False, soft_wrap=True)
+
+    def debug(self, message: str) -> None:
+        """Only with --verbose."""
+        if self.verbose:
+            self.console.print(f"numclip: {message}", markup=False, style="dim", soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        """A warning (shown unless --quiet)."""
+        if not self.quiet:
+            self.console.print(f"numclip: warning: {message}", markup=False, style="yellow", soft_wrap=True)
+
+    def progress(self) -> Any:
+        """A rich progress bar on stderr (disabled when stderr is not a terminal)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                        console=self.console, disable=not self.interactive, transient=False)
+
+
+def prepare(offline: bool, verbose: bool) -> None:
+    """Process-wide settings before any heavy import: offline hub, quiet third-party logging, SIGTERM."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_VERBOSITY", "info" if verbose else "error")
+    # open_clip logs to the root logger; what matters is repeated in our own words, so keep it for --verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(name)s: %(message)s")
+    with contextlib.suppress(ValueError):  # signal() only works in the main thread
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def handle_errors(command: F) -> F:
+    """Turn user errors into a one-line message and their exit code; tracebacks only with --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from numclip_cli.errors import NumclipError
+
+        verbose = bool(kwargs.get("verbose"))
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except NumclipError as exc:
+            if verbose:
+                traceback.print_exc()
+            print(f"numclip: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # the reader (head, jq -e ...) stopped reading: not an error of ours
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (keeps interpreter shutdown from failing)
+            raise typer.Exit(EXIT_OK) from None
+        except KeyboardInterrupt:
+            print("numclip: interrupted", file=sys.stderr)
+            raise typer.Exit(EXIT_SIGINT) from None
+        except Terminated:
+            print("numclip: terminated", file=sys.stderr)
+            raise typer.Exit(EXIT_SIGTERM) from None
+        except Exception as exc:  # a bug or an environment problem: still one line unless --verbose
+            if verbose:
+                traceback.print_exc()
+            reason = " ".join(str(exc).split())[:300]
+            print(f"numclip: error: unexpected {type(exc).__name__}: {reason} (run with --verbose for details)",
+                  file=sys.stderr)
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def announce_device(spec: str, reporter: Reporter) -> Any:
+    """Resolve ``--device`` once and say which device is used."""
+    from numclip_cli.backbone import resolve_device
+
+    device = resolve_device(spec)
+    reporter.info(f"device {device}")
+    return device

@@ -1,0 +1,132 @@
+"""``numclip train``: fit a method on a labelled dataset and write best/last safetensors checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from numclip_cli.cli.common import (
+    DeviceOpt,
+    ModelOpt,
+    OfflineOpt,
+    PretrainedOpt,
+    QuietOpt,
+    Reporter,
+    TaskOpt,
+    VerboseOpt,
+    announce_device,
+    handle_errors,
+    prepare,
+)
+
+
+@handle_errors
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Folder per label, CSV/TSV (path,label) or a "
+                                       "'<path> <label>' list.", show_default=False)],
+    task: TaskOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine) or another method.")] = "numclip",
+    val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Held-out share of --data when --val is not "
+                                             "given (seeded).")] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of prompts, adapter and fine head.")] = 1e-5,
+    image_lr: Annotated[float, typer.Option("--image-lr", help="Learning rate of the image tower.")] = 1e-5,
+    tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
+                                             help="Fine-tune the image tower (the reference does).")] = True,
+    tune_context: Annotated[bool, typer.Option("--tune-context/--freeze-context",
+                                               help="Train the shared prompt context too.")] = False,
+    milestones: Annotated[str, typer.Option("--milestones", help="Epochs where the LR drops ×0.1, "
+                                            "comma-separated.")] = "60",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 autocast on CUDA (ignored on CPU).")] = True,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes.")] = 2,
+    out: Annotated[Path, typer.Option("--out", help="Best checkpoint (the resumable last one is written "
+                                      "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote --out.")] = False,
+    metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write final metrics as JSON.")] = None,
+    device: DeviceOpt = "auto",
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train on labelled images (e.g. `numclip train --data ./hci --task hci`)."""
+    prepare(offline, verbose)
+    from numclip_cli.atomic import atomic_write_bytes
+    from numclip_cli.backbone import DEFAULT_MODEL
+    from numclip_cli.datasets import load_samples, split_validation
+    from numclip_cli.errors import UsageError
+    from numclip_cli.session import default_pretrained
+    from numclip_cli.tasks import get_task
+    from numclip_cli.trainer import TrainConfig, Trainer, last_path
+
+    reporter = Reporter(quiet, verbose)
+    spec = get_task(task or _task_beside(data))
+    samples = load_samples(data, spec)
+    train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
+    try:
+        steps = tuple(int(m) for m in milestones.split(",") if m.strip())
+    except ValueError:
+        raise UsageError(f"--milestones {milestones!r}: expected comma-separated epochs") from None
+    config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
+                         tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed, amp=amp,
+                         workers=workers)
+    dev = announce_device(device, reporter)
+    from numclip_cli.backbone import load_backbone
+
+    name = model or DEFAULT_MODEL
+    tag = pretrained or default_pretrained(name)
+    if tag == "none":
+        reporter.warn(f"--pretrained none: training {name} from random initialisation")
+    trainer = Trainer(load_backbone(name, tag, device=dev), spec, config, dev)
+    if resume:
+        done = trainer.resume_from(last_path(out))
+        reporter.info(f"resuming after epoch {done} of {epochs}")
+    reporter.info(f"training {method} on {len(train_set)} images, validating on {len(val_set)}")
+    with reporter.progress() as progress:
+        bar = progress.add_task("epoch", total=None, status="")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(bar, completed=step, total=total, status=f"loss {loss:.3f}")
+
+        def on_epoch(report) -> None:
+            progress.update(bar, description=f"epoch {report.epoch + 1}/{epochs}", completed=0)
+            extra = f", {report.skipped} unreadable image(s) skipped" if report.skipped else ""
+            reporter.info(f"epoch {report.epoch}/{epochs}: loss {report.train_loss:.4f}, val MAE "
+                          f"{report.val['mae']:.4f}, acc {report.val.get('accuracy', float('nan')):.3f} "
+                          f"({report.seconds:.1f} s{extra})")
+
+        progress.update(bar, description=f"epoch {trainer.start_epoch + 1}/{epochs}")
+        result = trainer.fit(train_set, val_set, out, on_step=on_step, on_epoch=on_epoch)
+    summary = {"best_epoch": result.best_epoch, "val": result.best, "baseline_median_mae": result.baseline_mae,
+               "checkpoint": str(out), "last": str(last_path(out)), "n_train": len(train_set), "n_val": len(val_set)}
+    if metrics_out:
+        atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
+    _print_table(summary)
+
+
+def _task_beside(data: Path) -> str:
+    """A dataset folder made by ``numclip synth`` carries its task.toml; anything else needs --task."""
+    from numclip_cli.errors import UsageError
+
+    spec = data / "task.toml"
+    if data.is_dir() and spec.is_file():
+        return str(spec)
+    raise UsageError("give --task (age, hci, aesthetics or a .toml/.json spec)")
+
+
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("metric", "value", title=f"best epoch {summary['best_epoch']} → {summary['checkpoint']}")
+    for key, value in summary["val"].items():
+        table.add_row(f"val {key}", f"{value:.4f}")
+    table.add_row("predict-the-median MAE", f"{summary['baseline_median_mae']:.4f}")
+    Console().print(table)

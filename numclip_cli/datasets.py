@@ -1,0 +1,170 @@
+"""Labelled training data: folder-per-label, CSV/TSV ``path,label``, or OrdinalCLIP lists ``<path> <label>``.
+
+Every problem (label outside the task's bins, unreadable row, missing file) is reported with its file and line.
+Images that fail to decode during training are skipped and counted, never replaced by another image.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from numclip_cli.errors import DataError
+from numclip_cli.images import ImageLoadError, load_rgb
+from numclip_cli.inputs import scan_directory
+from numclip_cli.tasks import TaskSpec
+
+_MAX_REPORTED = 5
+
+
+@dataclass
+class Samples:
+    """Image paths with their labels in the task unit."""
+
+    paths: list[str]
+    values: list[float]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: list[int], source: str) -> Samples:
+        """The samples at ``indices``."""
+        return Samples([self.paths[i] for i in indices], [self.values[i] for i in indices], source)
+
+
+def load_samples(data: str | Path, task: TaskSpec) -> Samples:
+    """Read a dataset in any supported layout; raise ``DataError`` listing the first problems."""
+    path = Path(data)
+    if path.is_dir():
+        rows = _folder_rows(path)
+    elif path.is_file():
+        rows = _table_rows(path) if path.suffix.lower() in (".csv", ".tsv") else _list_rows(path)
+    else:
+        raise DataError(f"dataset not found: {path}")
+    problems: list[str] = []
+    paths, values = [], []
+    for where, image, label in rows:
+        try:
+            value = task.parse_label(label)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if not os.path.exists(image):
+            problems.append(f"{where}: image not found: {image}")
+            continue
+        paths.append(image)
+        values.append(value)
+    if problems:
+        more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
+        raise DataError(f"{len(problems)} problem(s) in {path}: " + "; ".join(problems[:_MAX_REPORTED]) + more)
+    if not paths:
+        raise DataError(f"no labelled images found in {path}")
+    return Samples(paths, values, str(path))
+
+
+def _folder_rows(root: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        rows.extend((str(sub), image, sub.name) for image in scan_directory(str(sub), recursive=True))
+    return rows
+
+
+def _table_rows(path: Path) -> list[tuple[str, str, str]]:
+    text = _read_text(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else ","
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    fields = [f.strip().lower() for f in reader.fieldnames or []]
+    if "path" not in fields or "label" not in fields:
+        raise DataError(f"{path}:1: expected a header with 'path' and 'label' columns, got {reader.fieldnames}")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+        rows.append((f"{path}:{line}", str(path.parent / row["path"].strip()), row["label"]))
+    return rows
+
+
+def _list_rows(path: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for line, text in enumerate(_read_text(path).splitlines(), start=1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        parts = text.rstrip().rsplit(None, 1)  # the label is the last field: paths may contain spaces
+        if len(parts) != 2:
+            rows.append((f"{path}:{line}", "", text))  # reported as an unreadable label below
+            continue
+        rows.append((f"{path}:{line}", str(path.parent / parts[0].strip()), parts[1]))
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """A seeded random split into (train, validation)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-split must be between 0 and 1, got {fraction}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(order) * fraction))
+    if cut >= len(order):
+        raise DataError(f"{len(order)} image(s) are too few to hold out a validation split")
+    return (samples.subset(sorted(order[cut:]), samples.source),
+            samples.subset(sorted(order[:cut]), f"{samples.source} (validation split)"))
+
+
+class LabelledImages(Dataset):
+    """(image tensor, value, bin index) per sample; an unreadable image yields ``None`` to be skipped."""
+
+    def __init__(self, samples: Samples, task: TaskSpec, transform: Callable) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.bins = [task.bin_index(v) for v in samples.values]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float, int] | None:
+        try:
+            image = load_rgb(self.samples.paths[index])
+        except ImageLoadError:
+            return None
+        return self.transform(image), self.samples.values[index], self.bins[index]
+
+
+def collate_labelled(items: list) -> dict[str, torch.Tensor] | None:
+    """Stack the readable samples; count the skipped ones."""
+    ok = [item for item in items if item is not None]
+    skipped = len(items) - len(ok)
+    if not ok:
+        return {"skipped": torch.tensor(skipped)}
+    return {"images": torch.stack([i[0] for i in ok]),
+            "values": torch.tensor([i[1] for i in ok], dtype=torch.float32),
+            "bins": torch.tensor([i[2] for i in ok], dtype=torch.long),
+            "skipped": torch.tensor(skipped)}
+
+
+def train_transform(preprocess_cfg: dict) -> Callable:
+    """The reference augmentation (Resize 256 → RandomCrop 224 → HFlip), scaled to the backbone's input size."""
+    from torchvision import transforms
+
+    size = preprocess_cfg["size"]
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    return transforms.Compose([
+        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomCrop(size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"]),
+    ])

@@ -1,0 +1,1 @@
+"""The ordinal models: prompt encoder, heads, and the methods that combine them."""

@@ -1,0 +1,202 @@
+"""Task specs: what is predicted, in which unit, and the ordered concept bins (NumCLIP §3.1).
+
+A task is data, not code: built-ins live in ``task_specs/*.toml`` and users pass their own ``.toml`` or
+``.json`` file with the same fields. Bins are ordered, contiguous and non-overlapping; a label maps to the
+bin whose ``[low, high]`` range holds it (for integer-valued labels) or whose half-open range
+``[low, next.low)`` holds it (for real-valued labels between two integer edges).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from numclip_cli.errors import TaskSpecError
+
+RANK_MODES = ("integers", "bins")
+_MAX_INTEGER_RANKS = 1000
+
+
+@dataclass(frozen=True)
+class Bin:
+    """One concept bin: the words the prompt uses and its inclusive edges in the task unit."""
+
+    name: str
+    low: float
+    high: float
+
+    @property
+    def midpoint(self) -> float:
+        """Centre of the bin; the value a bin-name label stands for."""
+        return (self.low + self.high) / 2
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """An ordinal task: name, unit, prompt template with ``{}`` for the bin words, and ordered bins."""
+
+    name: str
+    unit: str
+    prompt: str
+    bins: tuple[Bin, ...]
+    ranks: str = "integers"  # fine classes for rank-based methods: every integer in range, or the bins
+
+    @property
+    def bin_names(self) -> list[str]:
+        """The bins' words, in order."""
+        return [b.name for b in self.bins]
+
+    @property
+    def context(self) -> str:
+        """The part of the prompt before the bin words; it initialises the learnable context."""
+        return self.prompt.split("{}")[0].strip()
+
+    @property
+    def low(self) -> float:
+        """Smallest value the task covers."""
+        return self.bins[0].low
+
+    @property
+    def high(self) -> float:
+        """Largest value the task covers."""
+        return self.bins[-1].high
+
+    def rank_values(self) -> list[float]:
+        """The fine classes of rank-based methods, in the task unit."""
+        if self.ranks == "bins":
+            return [b.midpoint for b in self.bins]
+        return [float(v) for v in range(math.ceil(self.low), math.floor(self.high) + 1)]
+
+    def rank_names(self) -> list[str]:
+        """The words a rank prompt uses: bin names, or the integer itself."""
+        if self.ranks == "bins":
+            return self.bin_names
+        return [str(int(v)) for v in self.rank_values()]
+
+    def bin_index(self, value: float) -> int:
+        """Index of the bin that holds ``value``; raises ``ValueError`` outside the task range."""
+        if not (self.low <= value <= self.high) or math.isnan(value):
+            raise ValueError(f"{value:g} is outside the task range {self.low:g}–{self.high:g}")
+        for i in range(len(self.bins) - 1, -1, -1):
+            if value >= self.bins[i].low:
+                return i
+        raise AssertionError("unreachable: value >= low was checked")
+
+    def parse_label(self, text: str) -> float:
+        """A label as written in a dataset: a number ("34", "3.0") or a bin name ("1950s")."""
+        text = text.strip()
+        for b in self.bins:
+            if text == b.name:
+                return b.midpoint
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"label {text!r} is neither a number nor one of {self.bin_names}") from None
+        self.bin_index(value)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoint metadata and JSON output."""
+        return asdict(self)
+
+
+def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
+    """Build and validate a TaskSpec; every problem names the offending field."""
+    if not isinstance(data, dict):
+        raise TaskSpecError(f"{source}: expected a table of fields, got {type(data).__name__}")
+    unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks"}
+    if unknown:
+        raise TaskSpecError(f"{source}: unknown field(s) {sorted(unknown)}")
+    name = _text(data, "name", source)
+    unit = _text(data, "unit", source, default="")
+    prompt = _text(data, "prompt", source)
+    if prompt.count("{}") != 1:
+        raise TaskSpecError(f"{source}: field 'prompt' must contain '{{}}' exactly once (where bin words go)")
+    ranks = _text(data, "ranks", source, default="integers")
+    if ranks not in RANK_MODES:
+        raise TaskSpecError(f"{source}: field 'ranks' must be one of {list(RANK_MODES)}, got {ranks!r}")
+    raw_bins = data.get("bins")
+    if not isinstance(raw_bins, list) or len(raw_bins) < 2:
+        raise TaskSpecError(f"{source}: field 'bins' must be a list of at least 2 bins")
+    bins = tuple(_bin(raw, f"{source}: bins[{i}]") for i, raw in enumerate(raw_bins))
+    _check_order(bins, source)
+    task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks)
+    if ranks == "integers" and math.floor(task.high) - math.ceil(task.low) + 1 > _MAX_INTEGER_RANKS:
+        raise TaskSpecError(f"{source}: field 'ranks' = 'integers' gives more than {_MAX_INTEGER_RANKS} ranks")
+    return task
+
+
+def _text(data: dict, field: str, source: str, default: str | None = None) -> str:
+    value = data.get(field, default)
+    if value is None:
+        raise TaskSpecError(f"{source}: missing field '{field}'")
+    if not isinstance(value, str) or (not value.strip() and default is None):
+        raise TaskSpecError(f"{source}: field '{field}' must be a non-empty string")
+    return value
+
+
+def _number(raw: dict, field: str, where: str) -> float:
+    value = raw.get(field)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1e15:
+        raise TaskSpecError(f"{where}: field '{field}' is out of range ({value})")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TaskSpecError(f"{where}: field '{field}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _bin(raw: Any, where: str) -> Bin:
+    if not isinstance(raw, dict):
+        raise TaskSpecError(f"{where}: expected a table with name, low, high")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise TaskSpecError(f"{where}: field 'name' must be a non-empty string")
+    if "{" in name or "}" in name:
+        raise TaskSpecError(f"{where}: field 'name' must not contain braces")
+    low, high = _number(raw, "low", where), _number(raw, "high", where)
+    if high < low:
+        raise TaskSpecError(f"{where}: field 'high' ({high:g}) is below 'low' ({low:g})")
+    return Bin(name=name.strip(), low=low, high=high)
+
+
+def _check_order(bins: tuple[Bin, ...], source: str) -> None:
+    names = [b.name for b in bins]
+    for i, (prev, cur) in enumerate(zip(bins, bins[1:], strict=False), start=1):
+        where = f"{source}: bins[{i}]"
+        if names.count(cur.name) > 1:
+            raise TaskSpecError(f"{where}: field 'name' {cur.name!r} is used by more than one bin")
+        if cur.low <= prev.high:
+            raise TaskSpecError(f"{where}: field 'low' ({cur.low:g}) overlaps or is out of order "
+                                f"with the previous bin (high {prev.high:g})")
+        if cur.low - prev.high > 1:
+            raise TaskSpecError(f"{where}: field 'low' ({cur.low:g}) leaves a gap after the previous bin "
+                                f"(high {prev.high:g}); bins must be contiguous")
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in tasks."""
+    folder = resources.files("numclip_cli") / "task_specs"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def get_task(name_or_path: str) -> TaskSpec:
+    """A built-in task by name, or a user spec from a ``.toml`` / ``.json`` file."""
+    if name_or_path in list_tasks():
+        text = (resources.files("numclip_cli") / "task_specs" / f"{name_or_path}.toml").read_text("utf-8")
+        return task_from_dict(tomllib.loads(text), source=f"built-in task {name_or_path!r}")
+    path = Path(name_or_path)
+    if path.suffix.lower() not in (".toml", ".json"):
+        raise TaskSpecError(f"unknown task {name_or_path!r}: use one of {list_tasks()} or a .toml/.json file")
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskSpecError(f"cannot read task spec {path}: {exc}") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TaskSpecError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    return task_from_dict(data, source=str(path))

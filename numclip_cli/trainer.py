@@ -1,0 +1,258 @@
+"""Training loop: RAdam + MultiStep (the NumCLIP recipe), per-epoch validation, atomic best/last checkpoints,
+and exact ``--resume``.
+
+Determinism: every epoch reseeds torch/python/numpy from ``(seed, epoch)`` and draws its data order and
+worker seeds from a generator seeded the same way, so a run resumed after epoch k replays epochs k+1… exactly
+as an uninterrupted run; the last checkpoint carries the optimizer and scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from numclip_cli import __version__, metrics
+from numclip_cli.backbone import Backbone
+from numclip_cli.checkpoint import Checkpoint, load_state, model_tensors, read_checkpoint, write_checkpoint
+from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
+from numclip_cli.errors import CheckpointError, UsageError
+from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.tasks import TaskSpec
+
+OPTIM_PREFIX = "optim."
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a training run (stored in the checkpoint's ``train`` metadata)."""
+
+    method: str = "numclip"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-5  # prompt words, context, adapter and fine head (the reference uses 1e-5 everywhere)
+    image_lr: float = 1e-5  # image tower, when tuned
+    tune_image: bool = True
+    tune_context: bool = False  # the reference freezes the context for age/decades, trains it for aesthetics
+    milestones: tuple[int, ...] = (60,)  # MultiStep ×0.1, as the reference
+    seed: int = 0
+    amp: bool = True  # fp16 autocast on CUDA only; CPU always runs fp32 (bf16 is slower on these CPUs)
+    workers: int = 2
+
+
+@dataclass
+class EpochReport:
+    """What one epoch measured."""
+
+    epoch: int
+    train_loss: float
+    val: dict[str, float]
+    skipped: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """The outcome of a run."""
+
+    best_epoch: int
+    best: dict[str, float]
+    history: list[EpochReport] = field(default_factory=list)
+    baseline_mae: float = math.nan
+
+
+def last_path(out: Path) -> Path:
+    """Where the resumable ``last`` checkpoint lives beside the ``best`` one."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".last.safetensors")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class Trainer:
+    """Train one method on one backbone and task; report through callbacks (the core prints nothing)."""
+
+    def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device) -> None:
+        self.backbone, self.task, self.config, self.device = backbone, task, config, device
+        _seed_everything(config.seed)
+        self.model: OrdinalModel = create_model(config.method, backbone, task)
+        groups = self.model.trainable_groups()
+        if not groups or config.epochs < 1:
+            raise UsageError(f"method {config.method!r} has nothing to train" if not groups
+                             else "--epochs must be at least 1")
+        lrs = {"visual": config.image_lr}
+        wanted = {name: params for name, params in groups.items()
+                  if not (name == "visual" and not config.tune_image)
+                  and not (name == "context" and not config.tune_context)}
+        for params in wanted.values():
+            for p in params:
+                p.requires_grad_(True)
+        self.optimizer = torch.optim.RAdam(
+            [{"params": params, "lr": lrs.get(name, config.lr), "name": name} for name, params in wanted.items()],
+            betas=(0.9, 0.999), weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.milestones), gamma=0.1)
+        self.use_amp = config.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch = 0
+        self.best_mae = math.inf
+        self.best_epoch = -1
+
+    # ----------------------------------------------------------------------------------------------- data
+    def _loader(self, samples: Samples, train: bool, epoch: int) -> DataLoader:
+        transform = train_transform(self.backbone.preprocess_cfg) if train else self.backbone.preprocess
+        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
+        return DataLoader(LabelledImages(samples, self.task, transform), batch_size=self.config.batch_size,
+                          shuffle=train, drop_last=False, num_workers=self.config.workers, generator=generator,
+                          collate_fn=collate_labelled, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    # ------------------------------------------------------------------------------------------- training
+    def train_epoch(self, samples: Samples, epoch: int,
+                    on_step: Callable[[int, int, float], None]) -> tuple[float, int]:
+        """One pass over the training data; returns (mean loss, skipped images)."""
+        _seed_everything(_epoch_seed(self.config.seed, epoch))
+        self.model.train()
+        if not self.config.tune_image:
+            self.model.clip.visual.eval()  # frozen tower: keep its norm/dropout layers in inference behaviour
+        loader = self._loader(samples, train=True, epoch=epoch)
+        losses, skipped = [], 0
+        for step, batch in enumerate(loader):
+            skipped += int(batch["skipped"])
+            if "images" not in batch:
+                continue
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+                out = self.model(batch["images"].to(self.device, non_blocking=True))
+                loss = self.model.loss(out, batch["values"].to(self.device), batch["bins"].to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss["total"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses.append(float(loss["total"].detach()))
+            on_step(step + 1, len(loader), losses[-1])
+        self.scheduler.step()
+        return (statistics.fmean(losses) if losses else math.nan), skipped
+
+    @torch.inference_mode()
+    def evaluate(self, samples: Samples) -> dict[str, float]:
+        """MAE (both readouts where they differ), accuracy, 1-off, QWK, RPS on held-out data."""
+        self.model.eval()
+        text = self.model.text_features()
+        values, targets, probs, bins, value_max = [], [], [], [], []
+        for batch in self._loader(samples, train=False, epoch=0):
+            if "images" not in batch:
+                continue
+            out = self.model(batch["images"].to(self.device), text)
+            values.append(out.value.float().cpu())
+            probs.append(self.model.bin_logits(out.logits).float().softmax(-1).cpu())
+            if out.value_max is not None:
+                value_max.append(out.value_max.float().cpu())
+            targets.append(batch["values"])
+            bins.append(batch["bins"])
+        if not values:
+            return {"mae": math.nan}
+        return metrics.summarize(torch.cat(values), torch.cat(targets), torch.cat(probs), torch.cat(bins),
+                                 value_max=torch.cat(value_max) if value_max else None)
+
+    def fit(self, train: Samples, val: Samples, out: Path,
+            on_step: Callable[[int, int, float], None] = lambda *_: None,
+            on_epoch: Callable[[EpochReport], None] = lambda _: None) -> TrainResult:
+        """Train for the configured epochs (from ``start_epoch`` when resumed), checkpointing every epoch."""
+        baseline = metrics.mae(torch.full((len(val),), statistics.median(train.values)), torch.tensor(val.values))
+        history = []
+        for epoch in range(self.start_epoch, self.config.epochs):
+            started = time.perf_counter()
+            loss, skipped = self.train_epoch(train, epoch, on_step)
+            report = EpochReport(epoch + 1, loss, self.evaluate(val), skipped, time.perf_counter() - started)
+            history.append(report)
+            if report.val["mae"] < self.best_mae:
+                self.best_mae, self.best_epoch = report.val["mae"], epoch + 1
+                self._save(out, train, val, report, history, baseline, resume=False)
+            self._save(last_path(out), train, val, report, history, baseline, resume=True)
+            on_epoch(report)
+        best = read_checkpoint(out).train.get("metrics", {}) if out.exists() else {}
+        return TrainResult(self.best_epoch, best, history, baseline)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _summary(self, train: Samples, val: Samples, report: EpochReport, baseline: float) -> dict[str, Any]:
+        return {"numclip_version": __version__, "config": asdict(self.config), "epoch": report.epoch,
+                "best_epoch": self.best_epoch, "best_val_mae": self.best_mae, "metrics": report.val,
+                "baseline_median_mae": baseline,
+                "data": {"train": train.source, "val": val.source, "n_train": len(train), "n_val": len(val)}}
+
+    def _save(self, path: Path, train: Samples, val: Samples, report: EpochReport, history: list[EpochReport],
+              baseline: float, resume: bool) -> None:
+        tensors = model_tensors(self.model, self.backbone, tuned_image=self.config.tune_image)
+        state = None
+        if resume:
+            optim_tensors, state = _flatten_optimizer(self.optimizer.state_dict())
+            tensors.update(optim_tensors)
+            state.update({"epoch": report.epoch, "best_mae": self.best_mae, "best_epoch": self.best_epoch,
+                          "scheduler": _jsonable(self.scheduler.state_dict()),
+                          "history": [asdict(h) for h in history]})
+        write_checkpoint(path, Checkpoint(tensors=tensors, task=self.task, method=self.config.method,
+                                          backbone=self.backbone.describe(),
+                                          train=self._summary(train, val, report, baseline), resume=state))
+
+    def resume_from(self, path: Path) -> int:
+        """Restore model, optimizer and scheduler from a ``last`` checkpoint; returns the epochs already done."""
+        ckpt = read_checkpoint(path)
+        if not ckpt.resume:
+            raise CheckpointError(f"{path}: has no resume state (only '*.last.safetensors' files can be resumed)")
+        if ckpt.method != self.config.method or ckpt.task != self.task:
+            raise UsageError(f"{path}: was trained with method {ckpt.method!r} on task {ckpt.task.name!r}; "
+                             f"resume with the same --method and --task")
+        model_part = {k: v for k, v in ckpt.tensors.items() if not k.startswith(OPTIM_PREFIX)}
+        load_state(self.model, model_part, str(path))
+        self.optimizer.load_state_dict(_unflatten_optimizer(ckpt.tensors, ckpt.resume))
+        scheduler = dict(ckpt.resume["scheduler"])
+        scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})
+        self.scheduler.load_state_dict(scheduler)
+        self.start_epoch = int(ckpt.resume["epoch"])
+        self.best_mae, self.best_epoch = float(ckpt.resume["best_mae"]), int(ckpt.resume["best_epoch"])
+        return self.start_epoch
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: dict(o) if isinstance(o, Counter) else str(o)))
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state → tensors (``optim.<param>.<key>``) + JSON (param groups and non-tensor entries)."""
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": _jsonable(state["param_groups"]), "optimizer_scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], resume: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(OPTIM_PREFIX):
+            index, key = name[len(OPTIM_PREFIX):].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in resume.get("optimizer_scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": resume["param_groups"]}

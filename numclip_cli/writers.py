@@ -1,0 +1,109 @@
+"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import IO, Any
+
+FORMATS = ("table", "jsonl", "csv")
+_CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "expected_bin",
+              "interval_low", "interval_high", "bin_set", "coverage"]
+
+
+class JsonlWriter:
+    """One JSON object per line, flushed per batch so pipelines see results as they complete."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record."""
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        """Push written records to the reader."""
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Nothing is buffered beyond the stream."""
+        self.flush()
+
+
+class CsvWriter(JsonlWriter):
+    """A header, then one row per record; probabilities as ``p_<bin>`` columns."""
+
+    def __init__(self, stream: IO[str], bin_names: list[str]) -> None:
+        super().__init__(stream)
+        self.prob_columns = [f"p_{name}" for name in bin_names]
+        self.writer = csv.DictWriter(stream, fieldnames=[*_CSV_FIXED, *self.prob_columns, "error"],
+                                     extrasaction="ignore", lineterminator="\n")
+        self.writer.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Flatten and write one record."""
+        row = dict(record)
+        for column, p in zip(self.prob_columns, (record.get("probs") or {}).values(), strict=False):
+            row[column] = p
+        if "interval" in record:
+            row["interval_low"], row["interval_high"] = record["interval"]
+        if "bin_set" in record:
+            row["bin_set"] = "|".join(record["bin_set"])
+        self.writer.writerow(row)
+
+
+class TableWriter(JsonlWriter):
+    """A rich table for people at a terminal, rendered when the run ends."""
+
+    def __init__(self, stream: IO[str], unit: str) -> None:
+        from rich.table import Table
+
+        super().__init__(stream)
+        self.table = Table(show_header=True, header_style="bold")
+        for column, justify in (("path", "left"), (f"value ({unit})" if unit else "value", "right"),
+                                ("bin", "left"), ("p(bin)", "right"), ("status", "left")):
+            self.table.add_column(column, justify=justify, overflow="fold")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Add one row."""
+        if record["status"] != "ok":
+            self.table.add_row(record["path"], "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
+            return
+        value = f"{record['value']:.2f}"
+        if "interval" in record:
+            low, high = record["interval"]
+            value += f"  [{low:.1f}, {high:.1f}]"
+        self.table.add_row(record["path"], value, record["bin"], f"{record['probs'][record['bin']]:.2f}", "ok")
+
+    def close(self) -> None:
+        """Render the table."""
+        from rich.console import Console
+
+        Console(file=self.stream, soft_wrap=False).print(self.table)
+        self.flush()
+
+
+def make_writer(fmt: str, stream: IO[str], bin_names: list[str], unit: str = "") -> JsonlWriter:
+    """A writer for ``fmt`` (table, jsonl, csv)."""
+    if fmt == "jsonl":
+        return JsonlWriter(stream)
+    if fmt == "csv":
+        return CsvWriter(stream, bin_names)
+    return TableWriter(stream, unit)
+
+
+def done_paths(path: Path) -> tuple[set[str], int]:
+    """Paths already recorded in a JSONL output and the byte length of its complete lines (for resuming)."""
+    done: set[str] = set()
+    good = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # an interrupted write: drop the partial line
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                break
+            good += len(line)
+    return done, good

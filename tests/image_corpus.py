@@ -1,0 +1,140 @@
+"""A deterministic corpus of awkward image files (and non-images) for decoding tests.
+
+``make_corpus(dir)`` writes every file and returns name -> path; ``EXPECTED`` says whether each name must
+decode (``"ok"``) or raise ``ImageLoadError`` (``"error"``), and ``OK_SIZES`` gives the upright
+(width, height) of each ok file after decoding. Importable by any test as
+``from image_corpus import make_corpus`` (pytest puts ``tests/`` on ``sys.path``: it has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+EXIF_ORIENTATION = 0x0112
+
+# Upright (width, height) after load_rgb, for every file that must decode.
+OK_SIZES: dict[str, tuple[int, int]] = {
+    "rgba.png": (16, 16),
+    "la.png": (16, 16),
+    "p_transparency.png": (16, 16),
+    "gray16.png": (16, 16),
+    "int32.tiff": (16, 16),
+    "float.tiff": (16, 16),
+    "cmyk.jpg": (16, 16),
+    "exif_rotated.jpg": (20, 40),  # stored 40x20 with Orientation=6 (rotate 90 degrees clockwise)
+    "gray.png": (24, 12),
+    "tiny.png": (1, 1),
+    "animated.gif": (10, 10),
+    "image.webp": (16, 16),
+    "image.tiff": (16, 16),
+    "image.bmp": (16, 16),
+}
+ERROR_NAMES = (
+    "empty.jpg",
+    "truncated.jpg",
+    "text.jpg",
+    "huge_header.png",  # 60000x60000: above twice Pillow's limit, Pillow itself refuses it
+    "big_header.png",  # 10000x10000: between Pillow's warning and error, so load_rgb's own check refuses it
+    "dir.jpg",
+    "broken.jpg",
+)
+EXPECTED: dict[str, str] = {**dict.fromkeys(OK_SIZES, "ok"), **dict.fromkeys(ERROR_NAMES, "error")}
+
+
+def make_corpus(dir: Path) -> dict[str, Path]:
+    """Write every corpus file into ``dir`` (created if needed) and return name -> path."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: dir / name for name in EXPECTED}
+
+    Image.new("RGBA", (16, 16), (*RED, 128)).save(paths["rgba.png"])  # 50% red: pink on white
+    Image.new("LA", (16, 16), (0, 128)).save(paths["la.png"])  # 50% black: mid grey on white
+    _save_palette_with_transparency(paths["p_transparency.png"])
+    _halves("I;16", 65535, 100 * 257).save(paths["gray16.png"])  # -> 255 | 100
+    _halves("I", 100_000, 50_000).save(paths["int32.tiff"])  # beyond 16 bits, scaled by max -> 255 | 128
+    _halves("F", 1.0, 0.5).save(paths["float.tiff"])  # 0-1 floats -> 255 | 128
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(paths["cmyk.jpg"], quality=95)  # red
+    _save_exif_rotated(paths["exif_rotated.jpg"])
+    Image.new("L", (24, 12), 200).save(paths["gray.png"])
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(paths["tiny.png"])
+    first, second = Image.new("RGB", (10, 10), RED), Image.new("RGB", (10, 10), BLUE)
+    first.save(paths["animated.gif"], save_all=True, append_images=[second], duration=100, loop=0)
+    Image.new("RGB", (16, 16), GREEN).save(paths["image.webp"], lossless=True)
+    Image.new("RGB", (16, 16), BLUE).save(paths["image.tiff"])
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(paths["image.bmp"])
+
+    paths["empty.jpg"].write_bytes(b"")
+    jpeg = encode(gradient(64, 64), "JPEG")
+    paths["truncated.jpg"].write_bytes(jpeg[: len(jpeg) // 2])
+    paths["text.jpg"].write_text("this is a text file, not a JPEG\n")
+    paths["huge_header.png"].write_bytes(png_with_declared_size(60000, 60000))
+    paths["big_header.png"].write_bytes(png_with_declared_size(10000, 10000))
+    paths["dir.jpg"].mkdir(exist_ok=True)
+    if paths["broken.jpg"].is_symlink():
+        paths["broken.jpg"].unlink()
+    os.symlink("missing-target.jpg", paths["broken.jpg"])
+    return paths
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """A deterministic RGB test picture with detail in every channel (so encoders produce real data)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x * y) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def encode(im: Image.Image, format: str, **options: object) -> bytes:
+    """The bytes of ``im`` saved in ``format``."""
+    buffer = io.BytesIO()
+    im.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A well-formed PNG (valid CRCs) whose IHDR declares width x height but whose IDAT is tiny."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # 8-bit RGB, deflate, adaptive filtering, no interlace.
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _halves(mode: str, left: float, right: float) -> Image.Image:
+    """A 16x16 single-channel image of ``mode``: left half ``left``, right half ``right``."""
+    im = Image.new(mode, (16, 16), left)
+    im.paste(right, (8, 0, 16, 16))
+    return im
+
+
+def _save_palette_with_transparency(path: Path) -> None:
+    """P-mode PNG: left half palette index 0 (fully transparent red), right half index 1 (opaque green)."""
+    im = Image.new("P", (16, 16), 0)
+    im.putpalette([*RED, *GREEN])
+    im.paste(1, (8, 0, 16, 16))
+    im.save(path, transparency=0)
+
+
+def _save_exif_rotated(path: Path) -> None:
+    """JPEG stored 40x20 (left red, right blue) with EXIF Orientation=6: upright it is 20x40, red on top."""
+    im = Image.new("RGB", (40, 20), RED)
+    im.paste(BLUE, (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    im.save(path, exif=exif, quality=95)

@@ -19,6 +19,16 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _final_mode(target: Path) -> int:
+    """Keep an existing file's permissions; a new file gets the usual 0666 minus the umask (mkstemp uses 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Open a temp file beside ``path``; on clean exit it replaces ``path``, on error it is removed."""
@@ -26,6 +36,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     folder = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, _final_mode(target))
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             handle.flush()

@@ -16,7 +16,7 @@ import torch
 
 from numclip_cli.atomic import atomic_write_bytes
 from numclip_cli.backbone import Backbone, load_backbone
-from numclip_cli.errors import CheckpointError, NumclipError
+from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
@@ -67,6 +67,9 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         fields = {name: json.loads(meta[name]) for name in _JSON_FIELDS if name in meta}
         task = task_from_dict(fields["task"], source=f"{path}: task")
         method, backbone = meta["method"], fields["backbone"]
+        if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
+                and isinstance(backbone.get("pretrained"), str)):
+            raise KeyError("backbone name/pretrained")
     except (KeyError, json.JSONDecodeError, NumclipError) as exc:
         raise CheckpointError(f"{path}: damaged metadata: {_one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
@@ -74,15 +77,29 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 
 def model_tensors(model: OrdinalModel, backbone: Backbone, tuned_image: bool) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint must carry to rebuild ``model`` exactly."""
+    """The tensors a checkpoint must carry to rebuild ``model`` exactly.
+
+    A randomly initialised backbone is stored too; frozen tensors whose values are all fp16-representable (the
+    trainer's ``round_frozen_init`` makes them so) are stored as fp16, which halves the shipped demo checkpoint.
+    """
     tensors = {}
     for key, value in model.state_dict().items():
         if key.startswith(BACKBONE_PREFIX):
-            keep = backbone.random_init or (tuned_image and key.startswith(VISUAL_PREFIX))
-            if not keep:
+            tuned = tuned_image and key.startswith(VISUAL_PREFIX)
+            if not (backbone.random_init or tuned):
                 continue
+            if not tuned and value.dtype == torch.float32 and torch.equal(value.half().float(), value):
+                value = value.half()  # lossless: only when every value is exactly representable
         tensors[key] = value
     return tensors
+
+
+@torch.no_grad()
+def round_frozen_init(model: OrdinalModel) -> None:
+    """Round a randomly initialised backbone to fp16-representable values (see ``model_tensors``)."""
+    for tensor in model.clip.state_dict().values():
+        if tensor.dtype == torch.float32:
+            tensor.copy_(tensor.half().float())
 
 
 def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
@@ -99,23 +116,23 @@ def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load checkpoint tensors into a freshly built model, naming any mismatch."""
+def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: str,
+               require_backbone: bool = False) -> None:
+    """Load checkpoint tensors into a freshly built model, naming any mismatch or missing tensor."""
     expected = model.state_dict()
     for key, value in tensors.items():
         if key not in expected:
-            if key.startswith(BACKBONE_PREFIX) or "." in key:
-                raise CheckpointError(f"{source}: tensor {key!r} does not belong to this model/backbone")
-            continue
+            raise CheckpointError(f"{source}: tensor {key!r} does not belong to this model/backbone")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the backbone "
                                   f"expects {tuple(expected[key].shape)}")
         if value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}, expected {expected[key].dtype}")
-    missing = [key for key in expected if not key.startswith(BACKBONE_PREFIX) and key not in tensors]
+    missing = [key for key in expected
+               if key not in tensors and (require_backbone or not key.startswith(BACKBONE_PREFIX))]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:3]} for method {model.method!r}")
-    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    model.load_state_dict(tensors, strict=False)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OrdinalModel, Backbone, Checkpoint]:
@@ -123,8 +140,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Or
     ckpt = read_checkpoint(path)
     info = ckpt.backbone
     backbone = load_backbone(info["name"], info["pretrained"], device=device, model_cfg=info.get("model_cfg"))
-    if backbone.random_init and not any(key.startswith(BACKBONE_PREFIX) for key in ckpt.tensors):
-        raise CheckpointError(f"{path}: the backbone was randomly initialised but its tensors are missing")
-    model = create_model(ckpt.method, backbone, ckpt.task)
-    load_state(model, ckpt.tensors, str(path))
+    try:
+        model = create_model(ckpt.method, backbone, ckpt.task)
+    except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.random_init)
     return model.eval(), backbone, ckpt

@@ -3,6 +3,7 @@ features computed once, and yield one record per input, in input order."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from numclip_cli.calibration import ConformalRule
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
 
@@ -58,45 +60,93 @@ def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers:
     yield from loader
 
 
+# Starting workers (0.1-0.3 s measured: each forks the process holding the model) costs more than decoding this
+# many images in the main process, whatever the batch size.
+FEW_INPUTS = 16
+
+
 def default_workers(num_inputs: int, batch_size: int) -> int:
     """Decode in the main process for a handful of images (no start-up cost), else use up to 4 workers."""
     import os
 
-    if num_inputs <= batch_size:
+    if num_inputs <= max(batch_size, FEW_INPUTS):
         return 0
     return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def image_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """fp16 autocast on CUDA (open_clip's own inference setting), a no-op elsewhere."""
+    # callers wrap the image tower only: logits scaled by up to 100 need fp32 before the softmax
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def quantize_image_tower(model: OrdinalModel) -> None:
+    """``--fast`` on CPU: int8 dynamic quantisation of the image tower's ``nn.Linear`` layers, in place.
+
+    Measured by ``numclip bench`` (README, Performance); bf16 autocast and ``torch.compile`` were measured too and
+    not kept. The attention in-projection of ``nn.MultiheadAttention`` is not an ``nn.Linear`` and stays fp32.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 class Predictor:
     """A model ready for inference: text features cached, optional calibration applied to probabilities."""
 
-    def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0) -> None:
+    def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0,
+                 conformal: ConformalRule | None = None, fast: bool = False) -> None:
         self.model = model.eval()
         self.device = device
         self.temperature = temperature
+        self.conformal = conformal  # adds an interval and a contiguous bin set to every record
         self.task = model.task
         with torch.inference_mode():
             self.text_features = model.text_features()
+        self.memory_format = torch.preserve_format
+        if device.type == "cuda":
+            # NHWC lets cuDNN pick its fastest kernels for the patch-embedding convolution
+            self.memory_format = torch.channels_last
+            self.model.to(memory_format=self.memory_format)
+        elif fast:
+            quantize_image_tower(self.model)
 
     @torch.inference_mode()
     def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Bin probabilities, fine value and readouts for a batch of preprocessed images."""
-        out = self.model(images.to(self.device, non_blocking=True), self.text_features)
-        bin_logits = self.model.bin_logits(out.logits)
-        probs = (bin_logits.float() / self.temperature).softmax(dim=-1)
-        result = {"value": out.value.float(), "probs": probs,
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with image_autocast(self.device):
+            features = self.model.encode_images(images)
+        out = self.model.head(features, self.text_features)
+        bin_logits = self.model.bin_logits(out.logits).float()
+        probs = (bin_logits / self.temperature).softmax(dim=-1)
+        result = {"value": out.value.float(), "probs": probs, "bin_logits": bin_logits,
                   "expected_bin": probs @ torch.arange(probs.shape[1], device=probs.device, dtype=probs.dtype)}
         if out.value_max is not None:
             result["value_max"] = out.value_max.float()
+        if self.conformal is not None:
+            result["interval_low"], result["interval_high"] = self.conformal.intervals(
+                result["value"], self.task.low, self.task.high)
+            result["set_low"], result["set_high"] = self.conformal.bin_sets(bin_logits)
         return {key: value.cpu() for key, value in result.items()}
+
+    def outputs(self, paths: Sequence[str], transform: Callable, batch_size: int = 32,
+                workers: int | None = None) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """Each decoded batch with ``predict_images`` of its readable images (empty when none decoded)."""
+        workers = default_workers(len(paths), batch_size) if workers is None else workers
+        pin = self.device.type == "cuda"
+        for batch in batches(paths, transform, batch_size, workers, pin_memory=pin):
+            yield batch, (self.predict_images(batch.images) if batch.images is not None else {})
 
     def records(self, paths: Sequence[str], transform: Callable, batch_size: int = 32,
                 workers: int | None = None) -> Iterator[dict[str, Any]]:
         """One record per path, in order: ``status: ok`` with the prediction or ``status: error``."""
-        workers = default_workers(len(paths), batch_size) if workers is None else workers
-        pin = self.device.type == "cuda"
-        for batch in batches(paths, transform, batch_size, workers, pin_memory=pin):
-            preds = self.predict_images(batch.images) if batch.images is not None else {}
+        for batch, preds in self.outputs(paths, transform, batch_size, workers):
             rows = {key: value.tolist() for key, value in preds.items()}
             ok_position = 0
             for index in batch.indices:
@@ -116,4 +166,8 @@ class Predictor:
                   "expected_bin": round(row["expected_bin"], 4)}
         if "value_max" in row:
             record["value_max"] = round(row["value_max"], 4)
+        if self.conformal is not None:
+            record["interval"] = [round(row["interval_low"], 4), round(row["interval_high"], 4)]
+            record["bin_set"] = names[row["set_low"]:row["set_high"] + 1]
+            record["coverage"] = self.conformal.coverage
         return record

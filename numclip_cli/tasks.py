@@ -111,7 +111,7 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
         raise TaskSpecError(f"{source}: expected a table of fields, got {type(data).__name__}")
     unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks"}
     if unknown:
-        raise TaskSpecError(f"{source}: unknown field(s) {sorted(unknown)}")
+        raise TaskSpecError(f"{source}: unknown field(s) {sorted(map(str, unknown))}")
     name = _text(data, "name", source)
     unit = _text(data, "unit", source, default="")
     prompt = _text(data, "prompt", source)
@@ -152,6 +152,9 @@ def _number(raw: dict, field: str, where: str) -> float:
 def _bin(raw: Any, where: str) -> Bin:
     if not isinstance(raw, dict):
         raise TaskSpecError(f"{where}: expected a table with name, low, high")
+    unknown = set(raw) - {"name", "low", "high"}
+    if unknown:
+        raise TaskSpecError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise TaskSpecError(f"{where}: field 'name' must be a non-empty string")
@@ -197,6 +200,6 @@ def get_task(name_or_path: str) -> TaskSpec:
         raise TaskSpecError(f"cannot read task spec {path}: {exc}") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise TaskSpecError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
     return task_from_dict(data, source=str(path))

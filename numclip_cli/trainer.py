@@ -25,10 +25,17 @@ from torch.utils.data import DataLoader
 
 from numclip_cli import __version__, metrics
 from numclip_cli.backbone import Backbone
-from numclip_cli.checkpoint import Checkpoint, load_state, model_tensors, read_checkpoint, write_checkpoint
+from numclip_cli.checkpoint import (
+    Checkpoint,
+    load_state,
+    model_tensors,
+    read_checkpoint,
+    round_frozen_init,
+    write_checkpoint,
+)
 from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
 from numclip_cli.errors import CheckpointError, UsageError
-from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.model.methods import OrdinalModel, Output, create_model
 from numclip_cli.tasks import TaskSpec
 
 OPTIM_PREFIX = "optim."
@@ -44,7 +51,9 @@ class TrainConfig:
     lr: float = 1e-5  # prompt words, context, adapter and fine head (the reference uses 1e-5 everywhere)
     image_lr: float = 1e-5  # image tower, when tuned
     tune_image: bool = True
-    tune_context: bool = False  # the reference freezes the context for age/decades, trains it for aesthetics
+    # None: the method's default (trained for coop/ordinalclip/l2rclip; frozen for numclip, as the reference
+    # does for age/decades -- it trains the context for aesthetics)
+    tune_context: bool | None = None
     milestones: tuple[int, ...] = (60,)  # MultiStep ×0.1, as the reference
     seed: int = 0
     amp: bool = True  # fp16 autocast on CUDA only; CPU always runs fp32 (bf16 is slower on these CPUs)
@@ -94,14 +103,19 @@ class Trainer:
         self.backbone, self.task, self.config, self.device = backbone, task, config, device
         _seed_everything(config.seed)
         self.model: OrdinalModel = create_model(config.method, backbone, task)
+        if backbone.random_init:
+            round_frozen_init(self.model)
         groups = self.model.trainable_groups()
         if not groups or config.epochs < 1:
             raise UsageError(f"method {config.method!r} has nothing to train" if not groups
                              else "--epochs must be at least 1")
         lrs = {"visual": config.image_lr}
+        tune_context = self.model.learns_context if config.tune_context is None else config.tune_context
         wanted = {name: params for name, params in groups.items()
                   if not (name == "visual" and not config.tune_image)
-                  and not (name == "context" and not config.tune_context)}
+                  and not (name == "context" and not tune_context)}
+        self.tunes_image = "visual" in wanted
+        self._feature_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
@@ -124,22 +138,66 @@ class Trainer:
                           collate_fn=collate_labelled, pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
 
+    def _batches(self, samples: Samples, train: bool, epoch: int) -> DataLoader | list[dict[str, torch.Tensor]]:
+        """Decoded image batches, or batches of cached image features for methods with a frozen image tower."""
+        if not self.model.frozen_image:
+            return self._loader(samples, train, epoch)
+        cached = self._features(samples)
+        count = len(cached["values"])
+        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
+        order = torch.randperm(count, generator=generator) if train else torch.arange(count)
+        batches = [{key: value[index.to(value.device)] for key, value in cached.items() if key != "skipped"}
+                   for index in order.split(self.config.batch_size)]
+        if batches:
+            batches[0]["skipped"] = cached["skipped"]  # counted once per pass, like the image loader does
+        return batches
+
+    def _features(self, samples: Samples) -> dict[str, torch.Tensor]:
+        """Image-tower features of every readable sample, computed once (no augmentation: the tower is frozen)."""
+        key = tuple(samples.paths)
+        if key in self._feature_cache:
+            return self._feature_cache[key]
+        training = self.model.training
+        self.model.eval()
+        parts: dict[str, list[torch.Tensor]] = {"features": [], "values": [], "bins": []}
+        skipped = 0
+        # Plain no-grad tensors even when evaluate() (inference mode) asks first: the cache may later feed the
+        # autograd graph of the trained head, which inference tensors cannot.
+        with torch.inference_mode(False), torch.no_grad():
+            for batch in self._loader(samples, train=False, epoch=0):
+                skipped += int(batch["skipped"])
+                if "images" in batch:
+                    parts["features"].append(self.model.encode_images(batch["images"].to(self.device)).float())
+                    parts["values"].append(batch["values"].to(self.device))
+                    parts["bins"].append(batch["bins"].to(self.device))
+            cache = {name: torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
+                     for name, chunks in parts.items()}
+        self.model.train(training)
+        self._feature_cache[key] = {**cache, "skipped": torch.tensor(skipped)}
+        return self._feature_cache[key]
+
+    def _forward(self, batch: dict[str, torch.Tensor], text: torch.Tensor | None = None) -> Output:
+        """The model's output on a batch of images or of cached image features."""
+        if "features" in batch:
+            return self.model.head(batch["features"], self.model.text_features() if text is None else text)
+        return self.model(batch["images"].to(self.device, non_blocking=True), text)
+
     # ------------------------------------------------------------------------------------------- training
     def train_epoch(self, samples: Samples, epoch: int,
                     on_step: Callable[[int, int, float], None]) -> tuple[float, int]:
         """One pass over the training data; returns (mean loss, skipped images)."""
         _seed_everything(_epoch_seed(self.config.seed, epoch))
         self.model.train()
-        if not self.config.tune_image:
+        if not self.tunes_image:
             self.model.clip.visual.eval()  # frozen tower: keep its norm/dropout layers in inference behaviour
-        loader = self._loader(samples, train=True, epoch=epoch)
+        loader = self._batches(samples, train=True, epoch=epoch)
         losses, skipped = [], 0
         for step, batch in enumerate(loader):
-            skipped += int(batch["skipped"])
-            if "images" not in batch:
+            skipped += int(batch.get("skipped", 0))
+            if "values" not in batch:
                 continue
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                out = self.model(batch["images"].to(self.device, non_blocking=True))
+                out = self._forward(batch)
                 loss = self.model.loss(out, batch["values"].to(self.device), batch["bins"].to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
@@ -156,16 +214,16 @@ class Trainer:
         self.model.eval()
         text = self.model.text_features()
         values, targets, probs, bins, value_max = [], [], [], [], []
-        for batch in self._loader(samples, train=False, epoch=0):
-            if "images" not in batch:
+        for batch in self._batches(samples, train=False, epoch=0):
+            if "values" not in batch:
                 continue
-            out = self.model(batch["images"].to(self.device), text)
+            out = self._forward(batch, text)
             values.append(out.value.float().cpu())
             probs.append(self.model.bin_logits(out.logits).float().softmax(-1).cpu())
             if out.value_max is not None:
                 value_max.append(out.value_max.float().cpu())
-            targets.append(batch["values"])
-            bins.append(batch["bins"])
+            targets.append(batch["values"].cpu())
+            bins.append(batch["bins"].cpu())
         if not values:
             return {"mae": math.nan}
         return metrics.summarize(torch.cat(values), torch.cat(targets), torch.cat(probs), torch.cat(bins),
@@ -199,7 +257,7 @@ class Trainer:
 
     def _save(self, path: Path, train: Samples, val: Samples, report: EpochReport, history: list[EpochReport],
               baseline: float, resume: bool) -> None:
-        tensors = model_tensors(self.model, self.backbone, tuned_image=self.config.tune_image)
+        tensors = model_tensors(self.model, self.backbone, tuned_image=self.tunes_image)
         state = None
         if resume:
             optim_tensors, state = _flatten_optimizer(self.optimizer.state_dict())
@@ -220,7 +278,7 @@ class Trainer:
             raise UsageError(f"{path}: was trained with method {ckpt.method!r} on task {ckpt.task.name!r}; "
                              f"resume with the same --method and --task")
         model_part = {k: v for k, v in ckpt.tensors.items() if not k.startswith(OPTIM_PREFIX)}
-        load_state(self.model, model_part, str(path))
+        load_state(self.model, model_part, str(path), require_backbone=self.backbone.random_init)
         self.optimizer.load_state_dict(_unflatten_optimizer(ckpt.tensors, ckpt.resume))
         scheduler = dict(ckpt.resume["scheduler"])
         scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})

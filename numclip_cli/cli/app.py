@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from numclip_cli import __version__
+from numclip_cli.cli.bench import bench
+from numclip_cli.cli.calibrate import calibrate
 from numclip_cli.cli.predict import predict
 from numclip_cli.cli.synth import synth
 from numclip_cli.cli.tasks import tasks
@@ -20,8 +22,10 @@ app = typer.Typer(
 )
 app.command()(predict)
 app.command()(train)
+app.command()(calibrate)
 app.command()(synth)
 app.command()(tasks)
+app.command()(bench)
 
 
 def _version(value: bool) -> None:

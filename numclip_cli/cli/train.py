@@ -30,7 +30,8 @@ def train(
     task: TaskOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
-    method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine) or another method.")] = "numclip",
+    method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine), l2rclip, ordinalclip, coop or "
+                                        "linear-probe (zeroshot needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Held-out share of --data when --val is not "
                                              "given (seeded).")] = 0.1,
@@ -40,8 +41,9 @@ def train(
     image_lr: Annotated[float, typer.Option("--image-lr", help="Learning rate of the image tower.")] = 1e-5,
     tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
                                              help="Fine-tune the image tower (the reference does).")] = True,
-    tune_context: Annotated[bool, typer.Option("--tune-context/--freeze-context",
-                                               help="Train the shared prompt context too.")] = False,
+    tune_context: Annotated[bool | None, typer.Option(
+        "--tune-context/--freeze-context", help="Train the shared prompt context too (default: on for coop, "
+        "ordinalclip and l2rclip, off for numclip).", show_default=False)] = None,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs where the LR drops ×0.1, "
                                             "comma-separated.")] = "60",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,

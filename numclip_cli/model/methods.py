@@ -1,8 +1,21 @@
-"""Ordinal methods over one CLIP backbone: NumCLIP coarse-to-fine (Du et al., ECCV 2024) and zero-shot CLIP.
+"""Ordinal methods over one CLIP backbone (method.md §1–§4), registered by their ``--method`` name.
 
-Every method maps images to ``Output``: logits over its classes (bins or ranks), bin probabilities and a fine
-value in the task unit. Text features depend only on the prompts, so inference computes them once
-(``text_features()``) and passes them to every batch (``forward(images, text_features)``).
+- ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
+- ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,
+  CE + the cross-modal ordinal pairwise loss. Trained single-stage: prompts, RankFormer and (when tuned) the
+  image tower together, not the paper's two stages (prompts on cached features, then the image tower); one
+  stage halves the passes over the data and lets a randomly initialised image tower learn from the start.
+- ``ordinalclip``: OrdinalCLIP (Li, Huang et al., NeurIPS 2022) — rank embeddings interpolated from 3 learnable
+  base embeddings, CE + KL text→image. The shared context is initialised from the task prompt's words (not
+  10 random tokens), so step 0 reads like the task's own sentence.
+- ``coop``: CoOp (Zhou et al., IJCV 2022) — learnable shared context before the fixed bin names, CE over bins.
+- ``zeroshot``: hand-written prompts per bin, nothing trained.
+- ``linear-probe``: a linear classifier over ranks on frozen image features (the trainer caches them once).
+
+Every method maps images to ``Output``: logits over its classes (bins or ranks), a fine value in the task unit,
+and for rank methods the argmax readout too; ``bin_logits`` turns the logits into logits over the task's bins.
+Text features depend only on the prompts, so inference computes them once (``text_features()``) and passes
+them to every batch (``forward(images, text_features)``).
 """
 
 from __future__ import annotations
@@ -13,10 +26,11 @@ import torch
 from torch import nn
 
 from numclip_cli.backbone import Backbone
-from numclip_cli.errors import UsageError
-from numclip_cli.losses import numclip_loss
+from numclip_cli.errors import TaskSpecError, UsageError
+from numclip_cli.losses import numclip_loss, ordinal_pairwise_loss, ordinalclip_kl
 from numclip_cli.model.heads import Adapter, FineRegressor, coarse_logits
 from numclip_cli.model.prompt import PromptEncoder
+from numclip_cli.model.ranks import InterpolatedRanks, RankFormer, base_positions, phrase_embedding
 from numclip_cli.tasks import TaskSpec
 
 _MAX_LOGIT_SCALE = 100.0
@@ -29,6 +43,8 @@ class Output:
     logits: torch.Tensor  # B×C over the method's classes (bins, or ranks for rank methods)
     value: torch.Tensor  # B fine value in the task unit (expected-value readout for rank methods)
     value_max: torch.Tensor | None = None  # B argmax readout, for rank methods only
+    features: torch.Tensor | None = None  # B×D normalised image features, for losses on embeddings (L2RCLIP)
+    text: torch.Tensor | None = None  # C×D text features the logits were computed from
 
 
 class OrdinalModel(nn.Module):
@@ -36,6 +52,8 @@ class OrdinalModel(nn.Module):
 
     method = "base"
     tunes_prompts = True
+    learns_context = False  # the method itself trains the shared context: the trainer's --tune-context default
+    frozen_image = False  # the image tower is never trained, so the trainer computes its features once
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__()
@@ -94,11 +112,8 @@ def _probe_dim(backbone: Backbone) -> int:
         return int(backbone.model.encode_image(torch.zeros(1, 3, size, size, device=device)).shape[-1])
 
 
-class ZeroShot(OrdinalModel):
-    """Hand-written prompts per bin; p = softmax(S), value = Σ p_k · midpoint_k. Nothing is trained."""
-
-    method = "zeroshot"
-    tunes_prompts = False
+class BinPrompts(OrdinalModel):
+    """One prompt per bin (the task's sentence); p = softmax(S), value = Σ p_k · midpoint_k."""
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__(backbone, task)
@@ -106,7 +121,7 @@ class ZeroShot(OrdinalModel):
         self.prompt.requires_grad_(False)
 
     def text_features(self) -> torch.Tensor:
-        """Text features of the hand-written prompts."""
+        """Text features of the bin prompts."""
         return self.prompt(self.clip)
 
     def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
@@ -115,9 +130,32 @@ class ZeroShot(OrdinalModel):
         logits = coarse_logits(z, text_features, self.logit_scale)
         return Output(logits=logits, value=logits.softmax(-1) @ self.midpoints)
 
+
+class ZeroShot(BinPrompts):
+    """Hand-written prompts per bin. Nothing is trained."""
+
+    method = "zeroshot"
+    tunes_prompts = False
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Nothing to train."""
         return {}
+
+
+class CoOp(BinPrompts):
+    """CoOp: a learnable shared context before the fixed bin names; CE over bins, expectation readout."""
+
+    method = "coop"
+    learns_context = True
+
+    def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the bins."""
+        ce = nn.functional.cross_entropy(out.logits, bins)
+        return {"ce": ce, "total": ce}
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """context (the bin names stay fixed), image tower."""
+        return {"context": [self.prompt.context], **super().trainable_groups()}
 
 
 class NumClip(OrdinalModel):
@@ -155,7 +193,160 @@ class NumClip(OrdinalModel):
         }
 
 
-METHODS: dict[str, type[OrdinalModel]] = {cls.method: cls for cls in (NumClip, ZeroShot)}
+class RankModel(OrdinalModel):
+    """Base of the rank methods: one class per rank (``task.rank_values()``), expected-value and argmax readouts."""
+
+    def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
+        super().__init__(backbone, task)
+        ranks = task.rank_values()
+        if len(ranks) < 2:
+            raise TaskSpecError(f"task {task.name!r} has {len(ranks)} rank(s); rank methods need at least 2 "
+                                f"(set ranks = \"bins\" in the task spec)")
+        self.register_buffer("rank_values", torch.tensor(ranks, dtype=torch.float32), persistent=False)
+        in_bin = torch.tensor([task.bin_index(v) for v in ranks])[:, None] == torch.arange(len(task.bins))
+        self.register_buffer("rank_in_bin", in_bin, persistent=False)  # M×K: rank r lies in bin k
+
+    @property
+    def num_ranks(self) -> int:
+        """How many ranks (fine classes) the method scores."""
+        return int(self.rank_values.shape[0])
+
+    def rank_output(self, logits: torch.Tensor, **embeddings: torch.Tensor) -> Output:
+        """Both readouts from rank logits: Σ_r p_r · value_r, and the value of the most probable rank."""
+        probs = logits.float().softmax(dim=-1)
+        return Output(logits=logits, value=probs @ self.rank_values, value_max=self.rank_values[logits.argmax(-1)],
+                      **embeddings)
+
+    def bin_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logsumexp of the rank logits inside each bin, so softmax over bins = summed rank probabilities."""
+        return logits[:, :, None].masked_fill(~self.rank_in_bin, float("-inf")).logsumexp(dim=1)
+
+    def rank_labels(self, values: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        """Each label's rank index: its bin for ``ranks = "bins"`` tasks, else the nearest rank value."""
+        if self.task.ranks == "bins":
+            return bins
+        return (values[:, None] - self.rank_values[None, :]).abs().argmin(dim=1)
+
+    def similarity_output(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
+        """Rank logits s · z tᵀ of the normalised image features against the rank prompts."""
+        z = nn.functional.normalize(features.float(), dim=-1)
+        return self.rank_output(coarse_logits(z, text_features, self.logit_scale), features=z, text=text_features)
+
+
+class OrdinalClip(RankModel):
+    """OrdinalCLIP: rank embeddings interpolated from learnable base embeddings; CE + KL text→image."""
+
+    method = "ordinalclip"
+    learns_context = True
+    num_base = 3  # base embeddings at linspace(0, M − 1, 3), as the reference's default
+    placeholder = "X"  # one token per rank in the tokenised prompt; its embedding is replaced by the rank's
+
+    def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
+        super().__init__(backbone, task)
+        self.prompt = PromptEncoder(self.clip, backbone.tokenizer, task.prompt, [self.placeholder] * self.num_ranks)
+        self.prompt.words.requires_grad_(False)  # overwritten by the interpolated rank embeddings
+        names = task.rank_names()
+        # Each base starts as the words of the rank it sits at ("1", "5", "10"), so step 0 reads like the task.
+        base = torch.stack([phrase_embedding(self.clip, backbone.tokenizer, names[round(float(p))])
+                            for p in base_positions(self.num_ranks, min(self.num_base, self.num_ranks))])
+        self.ranks = InterpolatedRanks(base, self.num_ranks)
+
+    def text_features(self) -> torch.Tensor:
+        """Text features of the rank prompts with the interpolated rank embeddings in place."""
+        return self.prompt(self.clip, self.ranks())
+
+    def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
+        """Rank logits and both readouts."""
+        return self.similarity_output(features, text_features)
+
+    def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CE over ranks + OrdinalCLIP's KL text→image term (weight 1 each)."""
+        labels = self.rank_labels(values, bins)
+        ce = nn.functional.cross_entropy(out.logits, labels)
+        kl = ordinalclip_kl(out.logits, labels)
+        return {"ce": ce, "kl": kl, "total": ce + kl}
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """context, base rank embeddings, image tower."""
+        return {"context": [self.prompt.context], "words": [self.ranks.base], **super().trainable_groups()}
+
+
+class L2RClip(RankModel):
+    """L2RCLIP: rank prompts refined by the RankFormer; CE + cross-modal ordinal pairwise loss (single stage)."""
+
+    method = "l2rclip"
+    learns_context = True
+
+    def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
+        super().__init__(backbone, task)
+        self.prompt = PromptEncoder(self.clip, backbone.tokenizer, task.prompt, task.rank_names())
+        self.rankformer = RankFormer(self.prompt.width)
+        # Positions after the longest prompt's EOT are padding that the causal text tower never reads.
+        self.span = int(self.prompt.ids.argmax(dim=1).max()) + 1
+
+    def text_features(self) -> torch.Tensor:
+        """Text features of the rank prompts after the RankFormer."""
+        prompts = self.prompt.embeddings(self.clip)
+        mixed = torch.cat([self.rankformer(prompts[:, : self.span]), prompts[:, self.span :]], dim=1)
+        return self.prompt.encode(self.clip, mixed)
+
+    def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
+        """Rank logits, both readouts, and the embeddings the pairwise loss compares."""
+        return self.similarity_output(features, text_features)
+
+    def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CE over ranks + L_cop = L_t + L_d (``losses.ordinal_pairwise_loss``, safe on degenerate batches)."""
+        labels = self.rank_labels(values, bins)
+        ce = nn.functional.cross_entropy(out.logits, labels)
+        cop = ordinal_pairwise_loss(out.features, out.text, labels)
+        return {"ce": ce, "cop": cop, "total": ce + cop}
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """context, rank words, RankFormer, image tower."""
+        return {"context": [self.prompt.context], "words": [self.prompt.words],
+                "rankformer": list(self.rankformer.parameters()), **super().trainable_groups()}
+
+
+class LinearProbe(RankModel):
+    """Linear probe: standardised frozen image features (cached once by the trainer) → linear classifier over ranks."""
+
+    method = "linear-probe"
+    tunes_prompts = False
+    frozen_image = True
+
+    def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
+        super().__init__(backbone, task)
+        # Per-dimension standardisation (BatchNorm without affine, as in MAE's linear probe): CLIP features share
+        # a large common direction, and an unscaled linear head on them learns very slowly.
+        self.norm = nn.BatchNorm1d(self.embed_dim, affine=False)
+        self.classifier = nn.Linear(self.embed_dim, self.num_ranks)
+
+    def text_features(self) -> torch.Tensor:
+        """No prompts: an empty 0×D tensor keeps the interface of the prompt methods."""
+        return self.rank_values.new_zeros(0, self.embed_dim)
+
+    def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
+        """Rank logits of the standardised image features and both readouts."""
+        x = features.float()
+        # A training batch of one has no batch statistics: standardise it with the running ones instead.
+        batch_stats = self.training and x.shape[0] > 1
+        z = nn.functional.batch_norm(x, self.norm.running_mean, self.norm.running_var, training=batch_stats,
+                                     momentum=self.norm.momentum, eps=self.norm.eps)
+        return self.rank_output(self.classifier(z))
+
+    def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the ranks."""
+        ce = nn.functional.cross_entropy(out.logits, self.rank_labels(values, bins))
+        return {"ce": ce, "total": ce}
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The linear classifier only: the image tower stays frozen."""
+        return {"head": list(self.classifier.parameters())}
+
+
+METHODS: dict[str, type[OrdinalModel]] = {
+    cls.method: cls for cls in (NumClip, L2RClip, OrdinalClip, CoOp, ZeroShot, LinearProbe)
+}
 
 
 def create_model(method: str, backbone: Backbone, task: TaskSpec) -> OrdinalModel:

@@ -61,7 +61,7 @@ class PromptEncoder(nn.Module):
         self.register_buffer("word_lengths", torch.tensor([len(w) for w in word_ids]), persistent=False)
         with torch.no_grad():
             base = tower.token_embedding(ids)
-        self.register_buffer("base", base, persistent=False)
+        self.width = int(base.shape[-1])
         self.context = nn.Parameter(base[0, 1 : 1 + len(ctx_ids)].clone())
         self.words = nn.Parameter(base[self.word_rows, self.word_cols].clone())
 
@@ -70,8 +70,11 @@ class PromptEncoder(nn.Module):
         """How many prompts (bins or ranks) this encoder produces."""
         return int(self.ids.shape[0])
 
-    def embeddings(self, words: torch.Tensor | None = None) -> torch.Tensor:
+    def embeddings(self, clip: nn.Module, words: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (P×L×d) with the learnable context and words written in place."""
+        # the frozen embeddings are looked up on every call (cheap) rather than cached, so they always match
+        # the backbone's current weights, e.g. after a checkpoint replaced a randomly initialised tower
+        base = text_tower(clip).token_embedding(self.ids)
         words = self.words if words is None else words
         num_ctx = self.context.shape[0]
         prompts, length = self.ids.shape
@@ -79,8 +82,8 @@ class PromptEncoder(nn.Module):
         ctx_cols = torch.arange(1, 1 + num_ctx, device=self.ids.device).repeat(prompts)
         rows = torch.cat([ctx_rows, self.word_rows])
         cols = torch.cat([ctx_cols, self.word_cols])
-        values = torch.cat([self.context.repeat(prompts, 1), words]).to(self.base.dtype)
-        return self.base.index_put((rows, cols), values)
+        values = torch.cat([self.context.repeat(prompts, 1), words]).to(base.dtype)
+        return base.index_put((rows, cols), values)
 
     def encode(self, clip: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
         """Run prompt embeddings (P×L×d) through the frozen text tower; returns normalised features (P×D)."""
@@ -97,4 +100,4 @@ class PromptEncoder(nn.Module):
 
     def forward(self, clip: nn.Module, words: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text features (P×D) of the current prompts."""
-        return self.encode(clip, self.embeddings(words))
+        return self.encode(clip, self.embeddings(clip, words))

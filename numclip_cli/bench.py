@@ -1,0 +1,394 @@
+"""``numclip bench`` core: predict's speed against the raw open_clip backbone, measured in one process and one run.
+
+The speed suite has the shape of nanoGPT's ``bench.py`` (a warm-up call, ``torch.cuda.synchronize()`` on GPU, the
+median of repeats). On the same generated images, backbone, device and batch size it measures
+(a) raw open_clip: PIL decode + open_clip preprocess + ``encode_image``, the physical limit;
+(b) ``numclip predict`` end to end through ``Predictor.records`` (DataLoader decoding, cached text features);
+(c) the reference implementations' inference, which run the text tower again on every batch: K bin prompts
+(NumCLIP) and M rank prompts (OrdinalCLIP over the age task's integer ranks);
+(d) decoding alone; (e) cold start and ``numclip --help`` as subprocesses; (f) peak memory; and optionally
+``--fast`` (with its agreement with fp32) and the RSS growth of a long streamed run.
+The accuracy suite is ``numclip_cli.comparison``; this module only builds the report around it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from numclip_cli import __version__
+from numclip_cli.backbone import DEFAULT_MODEL, NO_WEIGHTS
+from numclip_cli.errors import NumclipError
+from numclip_cli.images import load_rgb
+from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.predictor import Predictor, image_autocast
+from numclip_cli.session import Session, open_session
+from numclip_cli.synthetic import get_generator, render
+from numclip_cli.tasks import TaskSpec, get_task, task_from_dict
+from numclip_cli.writers import make_writer
+
+SCHEMA = "numclip-bench/1"
+BENCH_TASK = "age"  # K = 5 bins; its integer ranks 0–100 are the M = 101 rank prompts
+DEFAULT_RANKS = 101
+IMAGE_KIND = "dots"
+QUICK = {"images": 16, "latency_images": 2, "repeats": 1, "cold_repeats": 1}
+_HELP_REPEATS = 3
+# units of the accuracy rows of numclip_cli.comparison (metrics.py: accuracies are fractions)
+ACCURACY_UNITS = {"mae": "task unit", "mae_max": "task unit", "accuracy": "fraction", "one_off": "fraction",
+                  "qwk": "kappa", "seconds": "s"}
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SpeedConfig:
+    """What the speed suite measures and how much work each measurement does."""
+
+    model: str = DEFAULT_MODEL  # open_clip architecture (ignored with ``checkpoint``)
+    pretrained: str = NO_WEIGHTS  # weights do not change speed; ``none`` needs no download
+    checkpoint: str | None = None  # bench a trained model instead (its task gives K)
+    device: str = "auto"
+    batch_size: int = 32
+    images: int = 64  # images per throughput measurement
+    latency_images: int = 8  # images per batch-1 measurement (a quarter of them for the M-rank reference)
+    ranks: int = DEFAULT_RANKS  # M, the rank prompts the OrdinalCLIP-style reference recomputes
+    repeats: int = 3  # timed runs per figure; the median is reported
+    cold_repeats: int = 3  # cold-start subprocesses; the median is reported
+    fast: bool = True  # also measure ``predict --fast`` on CPU and its same-bin agreement with fp32
+    stream: int = 0  # images streamed through predict to measure RSS growth (0: skip)
+
+    @classmethod
+    def create(cls, quick: bool = False, **given: Any) -> SpeedConfig:
+        """Defaults for a full or a ``--quick`` run; every option given (not None) wins."""
+        base = cls(**QUICK) if quick else cls()
+        return replace(base, **{key: value for key, value in given.items() if value is not None})
+
+
+@dataclass
+class Figure:
+    """One measured number with its unit, how it was measured, and the project's target when there is one."""
+
+    key: str
+    label: str
+    value: float
+    unit: str
+    batch_size: int | None = None
+    images: int | None = None
+    target: str | None = None  # e.g. ">= 0.9"
+    met: bool | None = None  # whether ``value`` meets ``target``
+
+
+def _meets(value: float, target: str) -> bool:
+    op, threshold = target.split()
+    return value >= float(threshold) if op == ">=" else value < float(threshold)
+
+
+class ReferencePredictor(Predictor):
+    """The reference implementations' inference: the text tower runs again for every batch."""
+
+    def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Recompute the text features, then predict as usual."""
+        with torch.inference_mode():
+            self.text_features = self.model.text_features()
+        return super().predict_images(images)
+
+
+def rank_task(ranks: int) -> TaskSpec:
+    """The age prompt over integer ranks 0…ranks−1 (101: exactly the built-in age task's rank prompts)."""
+    if ranks < 2:
+        raise NumclipError(f"--ranks must be at least 2, got {ranks}")
+    age, half = get_task(BENCH_TASK), ranks // 2
+    return task_from_dict({"name": f"{BENCH_TASK}-{ranks}-ranks", "unit": age.unit, "prompt": age.prompt,
+                           "bins": [{"name": "younger", "low": 0, "high": half - 1},
+                                    {"name": "older", "low": half, "high": ranks - 1}]})
+
+
+def write_images(folder: Path, count: int, side: int) -> list[str]:
+    """``count`` synthetic JPEGs (``side`` px, labels cycling over the range), as a camera folder holds them."""
+    labels = get_generator(IMAGE_KIND).labels
+    paths = []
+    for index in range(count):
+        path = folder / f"bench_{index:05d}.jpg"
+        render(IMAGE_KIND, labels[index % len(labels)], seed=index, size=side).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux ``/proc``), else its peak so far, in MB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the figures were measured: device, CPU count, threads and versions."""
+    import open_clip
+
+    return {"device": str(device), "device_name": _device_name(device), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "open_clip": open_clip.__version__, "numclip": __version__,
+            "platform": platform.platform()}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_report(device: torch.device, config: dict[str, Any], figures: Sequence[Figure],
+                 accuracy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``--json`` report: schema, date, environment, options, every figure with its unit, accuracy rows."""
+    return {"schema": SCHEMA, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "environment": environment(device), "config": config, "figures": [asdict(f) for f in figures],
+            "accuracy": accuracy, "accuracy_units": ACCURACY_UNITS if accuracy else None}
+
+
+def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Progress | None = None) -> list[Figure]:
+    """Every speed figure, measured in this process on freshly generated images."""
+    say = on_progress or (lambda message: None)
+    if config.checkpoint:
+        session = open_session(device, checkpoint=config.checkpoint)
+    else:
+        session = open_session(device, model=config.model, pretrained=config.pretrained, task=BENCH_TASK,
+                               method="numclip")
+    with tempfile.TemporaryDirectory(prefix="numclip-bench-") as folder:
+        side = session.backbone.image_size * 5 // 4  # larger than the input, so preprocess really resizes
+        say(f"writing {config.images} {side}-px JPEG images")
+        paths = write_images(Path(folder), max(config.images, config.latency_images), side)
+        run = _SpeedRun(config, device, session, say)
+        run.throughput(paths[: config.images])
+        run.batch_one(paths[: config.latency_images])
+        if config.stream:
+            run.stream(paths, Path(folder))
+        if config.fast and device.type == "cpu":
+            run.fast(paths[: config.images])  # last: it quantises the shared image tower in place
+        run.cold_start(paths[0])
+        run.memory()
+    return run.figures
+
+
+class _SpeedRun:
+    """The measurements of one speed-suite run, in order, sharing one model and one set of images."""
+
+    def __init__(self, config: SpeedConfig, device: torch.device, session: Session, say: Progress) -> None:
+        self.config, self.device, self.session, self.say = config, device, session, say
+        self.preprocess = session.backbone.preprocess
+        self.figures: list[Figure] = []
+        self.predict_bins: list[int] = []  # fp32 bins of the throughput images, for --fast agreement
+        self.predict_rate = self.raw_rate = 0.0
+
+    def add(self, key: str, label: str, value: float, unit: str, batch_size: int | None = None,
+            images: int | None = None, target: str | None = None) -> float:
+        """Record one figure and return its value."""
+        met = None if target is None else _meets(value, target)
+        self.figures.append(Figure(key, label, round(value, 4), unit, batch_size, images, target, met))
+        return value
+
+    def timed(self, run: Callable[[Sequence[str]], Any], paths: Sequence[str],
+              warm: Sequence[str] | None) -> tuple[float, Any]:
+        """Median seconds of ``run(paths)`` over the repeats after a warm-up ``run(warm)``, and its last result."""
+        if warm is not None:
+            run(warm)
+        times, result = [], None
+        for _ in range(self.config.repeats):
+            self._sync()
+            start = time.perf_counter()
+            result = run(paths)
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), result
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def predict_run(self, predictor: Predictor, batch_size: int) -> Callable[[Sequence[str]], list[int]]:
+        """``numclip predict``'s own path: every record built, the bin indices kept."""
+        return lambda paths: [r["bin_index"] for r in predictor.records(paths, self.preprocess, batch_size)]
+
+    def throughput(self, paths: Sequence[str]) -> None:
+        """(d) decode, (a) raw open_clip and (b) predict at the configured batch size, on the same images."""
+        batch, n, warm = self.config.batch_size, len(paths), paths[: self.config.batch_size]
+        self.say(f"decode only ({n} images)")
+        seconds, _ = self.timed(self._decode, paths, warm[:1])
+        self.add("decode", "decode + preprocess (load_rgb, 1 process)", n / seconds, "images/s", None, n)
+        self.say(f"raw open_clip encode_image (batch {batch})")
+        seconds, _ = self.timed(self._raw_open_clip, paths, warm)
+        self.raw_rate = self.add("raw_open_clip", "(a) raw open_clip: PIL + preprocess + encode_image",
+                                 n / seconds, "images/s", batch, n)
+        self.say(f"numclip predict (batch {batch})")
+        predictor = Predictor(self.session.model, self.device)
+        seconds, self.predict_bins = self.timed(self.predict_run(predictor, batch), paths, warm)
+        self.predict_rate = self.add("predict", "(b) numclip predict, end to end", n / seconds, "images/s", batch, n)
+        self.add("ratio_predict_raw", "(b)/(a) predict vs raw open_clip", self.predict_rate / self.raw_rate, "x",
+                 batch, n, ">= 0.9")
+
+    def _decode(self, paths: Sequence[str]) -> None:
+        for path in paths:
+            self.preprocess(load_rgb(path))
+
+    def _raw_open_clip(self, paths: Sequence[str]) -> None:
+        """What a plain open_clip script does (open_clip's README: no_grad, autocast on CUDA)."""
+        clip, batch = self.session.backbone.model, self.config.batch_size
+        with torch.no_grad(), image_autocast(self.device):
+            for start in range(0, len(paths), batch):
+                images = [self.preprocess(_pil_rgb(path)) for path in paths[start : start + batch]]
+                clip.encode_image(torch.stack(images).to(self.device))
+
+    def batch_one(self, paths: Sequence[str]) -> None:
+        """(c) cached vs recomputed text features at batch 1: K bin prompts, then M rank prompts (OrdinalCLIP)."""
+        self.cached_vs_recomputed("k", self.session.model, "bin", paths, ">= 1.7")
+        ranks_model = create_model("ordinalclip", self.session.backbone, rank_task(self.config.ranks)).eval()
+        self.cached_vs_recomputed("m", ranks_model, "rank", paths[: max(1, len(paths) // 4)], ">= 15")
+
+    def cached_vs_recomputed(self, key: str, model: OrdinalModel, kind: str, paths: Sequence[str],
+                             target: str) -> None:
+        """The text tower alone, then predict at batch 1 with cached and with per-batch text features."""
+        with torch.inference_mode():
+            what = f"{model.text_features().shape[0]} {kind} prompts"  # also the warm-up of the text tower
+        self.say(f"batch 1: cached vs recomputed text features, {what}")
+        seconds, _ = self.timed(lambda _: self._text_features(model), [], None)
+        self.add(f"text_tower_{key}", f"text tower alone, {what}", 1000 * seconds, "ms")
+        n = len(paths)
+        cached, _ = self.timed(self.predict_run(Predictor(model, self.device), 1), paths, paths[:1])
+        self.add(f"predict_b1_{key}", f"(b) predict, cached text features, {what}", 1000 * cached / n, "ms/image",
+                 1, n)
+        fresh, _ = self.timed(self.predict_run(ReferencePredictor(model, self.device), 1), paths, paths[:1])
+        self.add(f"reference_b1_{key}", f"(c) reference: text features recomputed per batch, {what}",
+                 1000 * fresh / n, "ms/image", 1, n)
+        self.add(f"ratio_reference_{key}", f"(b)/(c) speed-up over the reference, {what}", fresh / cached, "x", 1, n,
+                 target)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _text_features(model: OrdinalModel) -> torch.Tensor:
+        return model.text_features()
+
+    def fast(self, paths: Sequence[str]) -> None:
+        """``predict --fast`` on CPU: speed against raw open_clip and same-bin agreement with fp32 predict."""
+        batch, n = self.config.batch_size, len(paths)
+        self.say(f"numclip predict --fast (batch {batch})")
+        predictor = Predictor(self.session.model, self.device, fast=True)
+        seconds, bins = self.timed(self.predict_run(predictor, batch), paths, paths[:batch])
+        rate = self.add("predict_fast", "predict --fast (int8 dynamic quantisation)", n / seconds, "images/s",
+                        batch, n)
+        self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n, ">= 1.3")
+        agree = sum(a == b for a, b in zip(bins, self.predict_bins, strict=True)) / n
+        self.add("fast_agreement", "--fast same-bin agreement with fp32 predict", 100 * agree, "%", batch, n,
+                 ">= 99")
+
+    def stream(self, pool: Sequence[str], folder: Path) -> None:
+        """RSS growth while ``config.stream`` inputs (hard links to the bench images) stream through predict."""
+        count, batch = self.config.stream, self.config.batch_size
+        self.say(f"streaming {count} images through predict")
+        links = folder / "stream"
+        links.mkdir()
+        paths = []
+        for index in range(count):
+            path = links / f"s_{index:06d}.jpg"
+            os.link(pool[index % len(pool)], path)
+            paths.append(str(path))
+        task = self.session.task
+        samples = []
+        start = time.perf_counter()
+        with open(os.devnull, "w", encoding="utf-8") as sink:
+            writer = make_writer("jsonl", sink, task.bin_names, task.unit)
+            for done, record in enumerate(Predictor(self.session.model, self.device).records(
+                    paths, self.preprocess, batch), start=1):
+                writer.write(record)
+                if done % batch == 0:
+                    samples.append(current_rss_mb())
+        seconds = time.perf_counter() - start
+        # the baseline is taken once the first 5 % are through (allocator pools and worker pipes settled)
+        settled = samples[len(samples) // 20 :] or [current_rss_mb()]
+        self.add("stream_rate", "streamed predict", count / seconds, "images/s", batch, count)
+        self.add("stream_rss_growth", "RSS growth while streaming (after the first 5 %)", max(settled) - settled[0],
+                 "MB", batch, count, "< 100")
+
+    def cold_start(self, image: str) -> None:
+        """(e) ``numclip predict`` on one image and ``numclip --help``, each a fresh process."""
+        command = _numclip_command()
+        if self.config.checkpoint:
+            model_args = ["--checkpoint", self.config.checkpoint]
+        else:
+            model_args = ["--model", self.config.model, "--pretrained", self.config.pretrained, "--task", BENCH_TASK]
+        predict = [*command, "predict", image, "--format", "jsonl", "--batch-size", "1", "--device",
+                   str(self.device), "--quiet", "--offline", *model_args]
+        self.say(f"cold start: numclip predict one image (x{self.config.cold_repeats})")
+        runs = [_first_line(predict) for _ in range(self.config.cold_repeats)]
+        self.add("cold_start", "cold start: process start to first predict result", statistics.median(
+            seconds for seconds, _ in runs), "s", 1, 1)
+        self.add("cold_start_peak_rss", "peak RSS of that predict process", max(rss for _, rss in runs), "MB", 1, 1)
+        self.say("numclip --help")
+        help_seconds = statistics.median(_first_line([*command, "--help"])[0] for _ in range(_HELP_REPEATS))
+        self.add("help", "numclip --help", help_seconds, "s", None, None, "< 0.5")
+
+    def memory(self) -> None:
+        """(f) peak RSS of this bench process and, on CUDA, peak CUDA memory."""
+        self.add("peak_rss", "peak RSS of the bench process", peak_rss_mb(), "MB")
+        if self.device.type == "cuda":
+            self.add("peak_cuda", "peak CUDA memory allocated", torch.cuda.max_memory_allocated(self.device) / 2**20,
+                     "MB")
+
+
+def _pil_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _numclip_command() -> list[str]:
+    """The installed ``numclip`` script next to this interpreter, else ``python -m numclip_cli``."""
+    script = Path(sys.executable).with_name("numclip")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "numclip_cli"]
+
+
+def _first_line(command: list[str]) -> tuple[float, float]:
+    """Seconds from starting ``command`` to its first line on stdout, and the process's peak RSS in MB."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
+    first = process.stdout.readline()
+    seconds = time.perf_counter() - start
+    process.stdout.read()
+    process.stdout.close()
+    # wait4 rather than wait: it also returns the child's own rusage (its peak RSS)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0 or not first:
+        raise NumclipError(f"cold-start run failed (exit {process.returncode}): {' '.join(command)}")
+    return seconds, usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)

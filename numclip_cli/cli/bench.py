@@ -1,0 +1,160 @@
+"""``numclip bench``: predict's speed against the raw open_clip backbone (one run), and the methods' accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from numclip_cli.cli.common import (
+    CheckpointOpt,
+    DeviceOpt,
+    OfflineOpt,
+    QuietOpt,
+    Reporter,
+    VerboseOpt,
+    announce_device,
+    handle_errors,
+    prepare,
+)
+
+SUITES = ("speed", "accuracy", "all")
+
+
+@handle_errors
+def bench(
+    suite: Annotated[str, typer.Option("--suite", help="speed, accuracy or all.")] = "speed",
+    model: Annotated[str, typer.Option(
+        "--model", help="open_clip architecture for the speed suite (ViT-B-16, numclip-tiny, ...).")] = "ViT-B-16",
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="Weights for the speed suite; 'none' (random init) needs no download and runs at the "
+                             "same speed.")] = "none",
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
+    images: Annotated[int | None, typer.Option(
+        "--images", min=1, help="Images per throughput measurement (default 64; 16 with --quick).",
+        show_default=False)] = None,
+    latency_images: Annotated[int | None, typer.Option(
+        "--latency-images", min=1, help="Images per batch-1 measurement (default 8; 2 with --quick).",
+        show_default=False)] = None,
+    ranks: Annotated[int, typer.Option(
+        "--ranks", min=2, help="M, rank prompts of the OrdinalCLIP-style reference (101 = the age task's).")] = 101,
+    repeats: Annotated[int | None, typer.Option(
+        "--repeats", min=1, help="Timed runs per figure, median reported (default 3; 1 with --quick).",
+        show_default=False)] = None,
+    fast: Annotated[bool, typer.Option(
+        "--fast/--no-fast", help="Also measure predict --fast (CPU) and its same-bin agreement with fp32.")] = True,
+    stream: Annotated[int, typer.Option(
+        "--stream", min=0, help="Stream N images through predict and report the RSS growth (0: skip).")] = 0,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Write the report (device, versions, every figure with its unit) as JSON.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run: fewer images, repeats and epochs.")] = False,
+    kinds: Annotated[str | None, typer.Option(
+        "--kinds", help="Accuracy suite: comma-separated synthetic generators (default dots,fill).",
+        show_default=False)] = None,
+    methods: Annotated[str | None, typer.Option(
+        "--methods", help="Accuracy suite: comma-separated methods (default every method).",
+        show_default=False)] = None,
+    n_train: Annotated[int | None, typer.Option(
+        "--n-train", min=1, help="Accuracy suite: training images per generator (default 900; 120 with --quick).",
+        show_default=False)] = None,
+    n_test: Annotated[int | None, typer.Option(
+        "--n-test", min=1, help="Accuracy suite: test images per generator (default 300; 60 with --quick).",
+        show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", min=1, help="Accuracy suite: epochs per method (default 8; 1 with --quick).",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Accuracy suite: seed of data and training.")] = 0,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure predict against raw open_clip on this machine (e.g. `numclip bench --model numclip-tiny --quick`)."""
+    prepare(offline, verbose)
+    from numclip_cli.errors import UsageError
+
+    if suite not in SUITES:
+        raise UsageError(f"--suite {suite!r}: choose one of {', '.join(SUITES)}")
+    reporter = Reporter(quiet, verbose)
+    dev = announce_device(device, reporter)
+
+    def say(message: str) -> None:
+        reporter.info(f"bench: {message}")
+
+    from numclip_cli import bench as core
+
+    config: dict[str, Any] = {"suite": suite}
+    figures: list[core.Figure] = []
+    accuracy = None
+    if suite in ("speed", "all"):
+        speed = core.SpeedConfig.create(
+            quick, model=model, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
+            device=str(dev), batch_size=batch_size, images=images, latency_images=latency_images, ranks=ranks,
+            repeats=repeats, fast=fast, stream=stream)
+        if speed.pretrained == "none" and not speed.checkpoint:
+            reporter.warn(f"--pretrained none: {speed.model} is randomly initialised (speed is the same; "
+                          f"the --fast agreement is measured on random features)")
+        config["speed"] = vars(speed)
+        figures = core.run_speed_suite(speed, dev, say)
+    if suite in ("accuracy", "all"):
+        from numclip_cli.comparison import DEFAULT_KINDS, run_accuracy_suite
+        from numclip_cli.model.methods import METHODS
+
+        settings = {"kinds": _names(kinds) if kinds else list(DEFAULT_KINDS),
+                    "methods": _names(methods) if methods else list(METHODS),
+                    "n_train": n_train or (120 if quick else 900), "n_test": n_test or (60 if quick else 300),
+                    "epochs": epochs or (1 if quick else 8), "seed": seed}
+        config["accuracy"] = settings
+
+        def row_done(row: dict[str, Any]) -> None:
+            say(f"accuracy: {row['kind']} {row['method']}: MAE {row['mae']:.3f} ({row['seconds']:.1f} s)")
+
+        accuracy = run_accuracy_suite(**settings, device=dev, on_progress=row_done)
+    report = core.build_report(dev, config, figures, accuracy)
+    _print_tables(report)
+    if json_out:
+        from numclip_cli.atomic import atomic_open
+
+        with atomic_open(json_out, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+            handle.write("\n")
+        reporter.info(f"bench: wrote {json_out}")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    """The figures (and accuracy rows) as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    env = report["environment"]
+    title = (f"numclip {env['numclip']} · torch {env['torch']} · open_clip {env['open_clip']} · "
+             f"{env['device']} ({env['device_name']}, {env['cpu_count']} CPUs)")
+    if report["figures"]:
+        table = Table("figure", "value", "unit", "batch", "images", "target", title=title)
+        for fig in report["figures"]:
+            mark = "" if fig["met"] is None else (" ✓" if fig["met"] else " ✗")
+            table.add_row(fig["label"], f"{fig['value']:.4g}", fig["unit"], _blank(fig["batch_size"]),
+                          _blank(fig["images"]), (fig["target"] or "") + mark)
+        console.print(table)
+    if report["accuracy"]:
+        columns = list(report["accuracy"][0])
+        table = Table(*columns, title="accuracy on the synthetic suites")
+        for row in report["accuracy"]:
+            table.add_row(*(_cell(row[column]) for column in columns))
+        console.print(table)
+
+
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

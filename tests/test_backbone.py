@@ -1,0 +1,117 @@
+"""Backbones: device choice, the tiny config, local weight files, and clear errors for missing weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone, resolve_device
+from numclip_cli.errors import UsageError, WeightsError
+
+
+@pytest.mark.parametrize("spec", ["auto", "cpu", " CPU ", "cpu:0"])
+def test_resolve_device_cpu(spec: str) -> None:
+    assert not torch.cuda.is_available(), "these tests expect a machine without CUDA"
+    assert resolve_device(spec).type == "cpu"
+
+
+@pytest.mark.parametrize("spec", ["bad", "", "gpu", "cuda:abc", "cuda:-1", "meta", "xla"])
+def test_resolve_device_rejects_unknown_devices(spec: str) -> None:
+    with pytest.raises(UsageError) as info:
+        resolve_device(spec)
+    assert "\n" not in str(info.value) and repr(spec.strip().lower()) in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3", "mps"])
+def test_resolve_device_unavailable_accelerators(spec: str) -> None:
+    if spec == "mps" and torch.backends.mps.is_available():
+        pytest.fail("these tests expect a machine without MPS")
+    with pytest.raises(UsageError, match="not available"):
+        resolve_device(spec)
+
+
+def test_tiny_backbone(tiny_backbone) -> None:
+    params = sum(p.numel() for p in tiny_backbone.model.parameters())
+    assert 1_000_000 < params < 10_000_000  # a few million: CPU tests stay fast
+    assert tiny_backbone.image_size == 64
+    assert tiny_backbone.random_init and tiny_backbone.pretrained == "none"
+    info = tiny_backbone.describe()
+    assert info["name"] == "numclip-tiny" and info["model_cfg"]["embed_dim"] == 64
+    assert tuple(info["preprocess_cfg"]["size"]) == (64, 64)
+    assert not tiny_backbone.model.training
+    tokens = tiny_backbone.tokenizer(["a photo of a dog"])
+    assert tokens.shape == (1, info["model_cfg"]["text_cfg"]["context_length"])
+    image = tiny_backbone.preprocess(Image.new("RGB", (100, 50), (10, 20, 30)))
+    assert image.shape == (3, 64, 64)
+
+
+def test_random_init_is_seeded() -> None:
+    torch.manual_seed(0)
+    first = load_backbone("numclip-tiny", "none").model.state_dict()
+    torch.manual_seed(0)
+    second = load_backbone("numclip-tiny", "none").model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_backbone_from_local_weight_files(tmp_path: Path, tiny_backbone) -> None:
+    state = {k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}
+    st_file, pt_file = tmp_path / "w.safetensors", tmp_path / "w.pt"
+    save_file(state, str(st_file))
+    torch.save(tiny_backbone.model.state_dict(), pt_file)
+    for path in (st_file, pt_file):
+        torch.manual_seed(123)  # a different random init underneath: the file must overwrite all of it
+        backbone = load_backbone("numclip-tiny", str(path))
+        assert backbone.pretrained == str(path) and not backbone.random_init
+        loaded = backbone.model.state_dict()
+        assert set(loaded) == set(state)
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value), f"{path.name}: {key} differs"
+
+
+def test_pickled_objects_in_a_weight_file_are_refused(tmp_path: Path, tiny_backbone) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": tiny_backbone.model.state_dict(), "extra": _NotATensor()}, path)
+    with pytest.raises(WeightsError, match="refusing to load"):
+        load_backbone("numclip-tiny", str(path))
+
+
+class _NotATensor:
+    """Any class instance: unpickling it would run arbitrary code."""
+
+
+def test_missing_weight_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        load_backbone("numclip-tiny", str(tmp_path / "nope.safetensors"))
+
+
+def test_offline_missing_hub_weights_say_how_to_provide_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
+    empty = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(empty))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # huggingface_hub reads its cache folder once at import: point the already-imported module there too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty / "hub"))
+    with pytest.raises(WeightsError) as info:
+        load_backbone("ViT-B-16", "openai")
+    message = str(info.value)
+    assert "\n" not in message
+    for words in ("--pretrained", "local-dir:", "cache", "ViT-B-16", "openai"):
+        assert words in message, words
+    assert HOW_TO_PROVIDE_WEIGHTS in message
+
+
+@pytest.mark.parametrize(("name", "pretrained", "words"), [
+    ("no-such-model", "none", "unknown model"),
+    ("ViT-B-16", "no-such-tag", "unknown pretrained tag"),
+    ("numclip-tiny", "openai", "unknown pretrained tag"),
+])
+def test_unknown_model_or_tag_is_a_usage_error(name: str, pretrained: str, words: str) -> None:
+    with pytest.raises(UsageError) as info:
+        load_backbone(name, pretrained)
+    assert words in str(info.value) and "\n" not in str(info.value)

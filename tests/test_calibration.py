@@ -1,0 +1,322 @@
+"""Calibration: temperature scaling, split-conformal intervals and contiguous bin sets, `numclip calibrate`, and
+`numclip predict --coverage`.
+
+The statistics are checked on synthetic predictions drawn from a known distribution (fast, thousands of
+samples); the command line end to end on a numclip-tiny model trained for two epochs on synthetic "size"
+images (the generator a random-init tiny model learns fastest) and then made over-confident by multiplying
+its logit scale by 5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from numclip_cli import calibration as cal
+from numclip_cli import metrics
+from numclip_cli.checkpoint import read_checkpoint, write_checkpoint
+from numclip_cli.errors import CheckpointError, DataError, UsageError
+from numclip_cli.synthetic import task_spec, write_dataset
+
+TASK = task_spec("dots")  # labels 1..10 in five bins of two
+SIZE = task_spec("size")  # the same labels and bins, for the trained model
+CPU = ["--device", "cpu", "--offline"]
+OVERCONFIDENCE = 5.0
+
+
+# ----------------------------------------------------------------------------------- synthetic predictions
+def synthetic_held(n: int, seed: int, noise: float = 1.2) -> tuple[cal.HeldOut, torch.Tensor]:
+    """Predictions ŷ = μ with labels y = round(μ + N(0, noise²)) clipped to 1..10, and an over-confident model.
+
+    Returns the held-out set (bin logits = 5 × the true log-probabilities of the bins given μ) and the true
+    bin probabilities, so the ideal temperature is exactly 5.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.rand(n, generator=g, dtype=torch.float64) * 9.4 + 0.8
+    labels = (mu + noise * torch.randn(n, generator=g, dtype=torch.float64)).round().clamp(1, 10)
+    edges = torch.arange(1.5, 10.0, 1.0, dtype=torch.float64)  # between consecutive labels
+    cdf = torch.special.ndtr((edges[None, :] - mu[:, None]) / noise)
+    cdf = torch.cat([torch.zeros(n, 1, dtype=torch.float64), cdf, torch.ones(n, 1, dtype=torch.float64)], 1)
+    p_label = cdf.diff(dim=1)  # P(y = 1..10 | μ)
+    p_bin = p_label.reshape(n, 5, 2).sum(dim=2)
+    bins = torch.tensor([TASK.bin_index(v) for v in labels.tolist()])
+    held = cal.HeldOut(bin_logits=OVERCONFIDENCE * p_bin.clamp_min(1e-12).log(), values=mu, targets=labels,
+                       bins=bins, source=f"synthetic seed {seed}")
+    return held, p_bin
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[cal.HeldOut, cal.HeldOut]:
+    """A calibration split and a third, untouched test split (the model was 'trained' elsewhere)."""
+    return synthetic_held(1000, seed=1)[0], synthetic_held(1000, seed=2)[0]
+
+
+def test_temperature_undoes_a_known_overconfidence(splits) -> None:
+    calib, test = splits
+    result = cal.calibrate(calib, TASK)
+    assert result.temperature == pytest.approx(OVERCONFIDENCE, rel=0.1)
+    before, after = result.metrics["before"], result.metrics["after"]
+    assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
+    assert after["brier"] < before["brier"] and after["rps"] < before["rps"]
+    assert after["accuracy"] == before["accuracy"] and after["mae"] == before["mae"]  # T changes neither
+    # and on data it never saw
+    unseen_before = cal.calibration_metrics(test, 1.0)
+    unseen_after = cal.calibration_metrics(test, result.temperature)
+    assert unseen_after["ece"] < 0.5 * unseen_before["ece"] and unseen_after["ece"] < 0.05
+    assert unseen_after["nll"] < unseen_before["nll"]
+
+
+def test_fit_temperature_finds_the_nll_minimum() -> None:
+    held, _ = synthetic_held(400, seed=5)
+    t = cal.fit_temperature(held.bin_logits, held.bins)
+    nll = [metrics.nll(held.bin_logits / (t * f), held.bins) for f in (0.97, 1.0, 1.03)]
+    assert nll[1] < nll[0] and nll[1] < nll[2]
+
+
+def covered(held: cal.HeldOut, rule: cal.ConformalRule) -> tuple[float, float]:
+    """Empirical coverage of the intervals and of the bin sets on ``held``."""
+    summary = cal.conformal_summary(held, rule, TASK)
+    return summary["interval_coverage"], summary["set_coverage"]
+
+
+@pytest.mark.parametrize("coverage", [0.9, 0.8])
+def test_conformal_coverage_holds_on_an_untouched_split(splits, coverage: float) -> None:
+    calib, test = splits
+    result = cal.calibrate(calib, TASK, coverage=0.9)
+    rule = result.rule(coverage)  # 0.8 is recomputed from the stored scores
+    interval, bin_set = covered(test, rule)
+    assert coverage - 0.05 <= interval <= coverage + 0.05
+    assert coverage - 0.05 <= bin_set <= coverage + 0.05
+    assert rule.interval_quantile == cal.conformal_quantile(result.interval_scores, coverage)
+
+
+def test_bin_sets_are_contiguous_hold_the_top_bin_and_grow_with_coverage(splits) -> None:
+    calib, test = splits
+    result = cal.calibrate(calib, TASK)
+    probs = test.probs()
+    top = probs.argmax(dim=1)
+    sizes = []
+    for coverage in (0.5, 0.8, 0.95):
+        low, high = result.rule(coverage).bin_sets(test.bin_logits)
+        assert bool(((low <= top) & (top <= high)).all())
+        sizes.append((high - low + 1).double().mean().item())
+        # contiguous sets hold at least the mass the threshold asks for, or every bin
+        inside = torch.arange(5)[None, :]
+        mass = (probs * ((low[:, None] <= inside) & (inside <= high[:, None]))).sum(dim=1)
+        assert bool((mass >= result.rule(coverage).set_threshold - 1e-9).all())
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_a_bin_is_in_the_set_exactly_when_its_score_is_below_the_threshold() -> None:
+    g = torch.Generator().manual_seed(3)
+    probs = torch.distributions.Dirichlet(torch.full((7,), 0.7)).sample((300,))
+    labels = torch.randint(0, 7, (300,), generator=g)
+    scores = cal.set_scores(probs, labels)
+    for threshold in (0.0, 0.3, 0.6, 0.9, 0.99):
+        low, high = cal.contiguous_sets(probs, threshold)
+        inside = (low <= labels) & (labels <= high)
+        assert torch.equal(inside, scores <= threshold)
+
+
+def test_finite_sample_quantile() -> None:
+    scores = [float(i) for i in range(1, 101)]  # n = 100
+    assert cal.conformal_quantile(scores, 0.9) == 91.0  # k = ⌈101 · 0.9⌉ = 91
+    assert cal.conformal_quantile(scores[:19], 0.95) == 19.0  # k = ⌈20 · 0.95⌉ = 19, not 20 by rounding
+    with pytest.raises(UsageError, match="needs at least 99 calibration samples, there are 50"):
+        cal.conformal_quantile(scores[:50], 0.99)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(UsageError, match="between 0 and 1"):
+            cal.conformal_quantile(scores, bad)
+
+
+def subset(held: cal.HeldOut, keep: torch.Tensor) -> cal.HeldOut:
+    return cal.HeldOut(held.bin_logits[keep], held.values[keep], held.targets[keep], held.bins[keep], held.source)
+
+
+def test_too_little_data_is_an_error_and_a_missing_bin_a_warning(splits) -> None:
+    calib, _ = splits
+    with pytest.raises(DataError, match="19 usable calibration image.*at least 20"):
+        cal.calibrate(subset(calib, torch.arange(19)), TASK)
+    no_top_bin = subset(calib, calib.bins < 4)
+    result = cal.calibrate(no_top_bin, TASK)
+    assert any("no calibration sample in bin(s) ['nine or ten']" in w for w in result.warnings)
+    assert not cal.calibrate(calib, TASK).warnings
+    same_as_training = cal.calibrate(calib, TASK, train_data=calib.source).warnings
+    assert any("is the checkpoint's training data" in w for w in same_as_training)
+    with pytest.raises(UsageError, match="coverage 0.99 needs at least 99"):
+        cal.calibrate(subset(calib, torch.arange(60)), TASK, coverage=0.99)
+
+
+def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path: Path, tiny_backbone) -> None:
+    from numclip_cli.checkpoint import Checkpoint
+
+    result = cal.calibrate(splits[0], TASK)
+    path = tmp_path / "c.safetensors"
+    write_checkpoint(path, Checkpoint(tensors={"x": torch.zeros(1)}, task=TASK, method="numclip",
+                                      backbone=tiny_backbone.describe(), calibration=result.to_metadata()))
+    stored = read_checkpoint(path).calibration
+    assert stored["quantiles"] == {"interval": result.rule().interval_quantile, "set": result.rule().set_threshold}
+    assert stored["scores"]["interval"] == sorted(stored["scores"]["interval"]) and stored["n"] == 1000
+    again = cal.Calibration.from_metadata(stored)
+    assert again.rule(0.8) == result.rule(0.8) and again.temperature == result.temperature
+    assert cal.prediction_settings(stored, None) == (result.temperature, None)
+    damaged = {**stored, "scores": {"interval": [1.0], "set": []}}
+    with pytest.raises(CheckpointError, match="damaged calibration metadata"):
+        cal.Calibration.from_metadata(damaged)
+    with pytest.raises(UsageError, match="numclip calibrate"):
+        cal.prediction_settings(None, 0.9)
+
+
+def test_reliability_diagram_is_a_png_of_the_expected_size(splits, tmp_path: Path) -> None:
+    calib, _ = splits
+    path = tmp_path / "reliability.png"
+    cal.save_reliability_diagram(path, calib, temperature=5.0, title="test")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+        colours = {rgb for _, rgb in image.convert("RGB").getcolors(maxcolors=1 << 16)}
+    assert {cal._BEFORE, cal._AFTER} <= colours  # both curves are drawn
+
+
+# ------------------------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Disjoint synthetic splits: train + val (for training), calibration, test, and a too-small one."""
+    root = tmp_path_factory.mktemp("cal-data")
+    sizes = {"train": 200, "val": 40, "calib": 120, "test": 100, "tiny": 12}
+    return {name: write_dataset("size", root / name, n=n, seed=seed).parent
+            for seed, (name, n) in enumerate(sizes.items())}
+
+
+@pytest.fixture(scope="module")
+def overconfident(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """numclip-tiny trained 2 epochs on 200 size images, then with its logit scale multiplied by 5."""
+    from numclip_cli.backbone import load_backbone
+    from numclip_cli.datasets import load_samples
+    from numclip_cli.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cal-model")
+    config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, image_lr=1e-3, tune_context=True, workers=0, seed=0)
+    trainer = Trainer(load_backbone("numclip-tiny", "none"), SIZE, config, torch.device("cpu"))
+    trained = folder / "trained.safetensors"
+    result = trainer.fit(load_samples(data["train"], SIZE), load_samples(data["val"], SIZE), trained)
+    assert result.best["mae"] < 0.6 * result.baseline_mae  # a model worth calibrating
+    ckpt = read_checkpoint(trained)
+    ckpt.tensors["clip.logit_scale"] = ckpt.tensors["clip.logit_scale"] + math.log(OVERCONFIDENCE)
+    assert ckpt.tensors["clip.logit_scale"].exp().item() < 100  # below CLIP's cap, so the ×5 is real
+    path = folder / "overconfident.safetensors"
+    write_checkpoint(path, ckpt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(overconfident: Path, data: dict[str, Path], run_cli) -> dict[str, Any]:
+    """`numclip calibrate` on the calibration split, writing a copy, a plot and the JSON report."""
+    folder = overconfident.parent
+    out, plot, report = folder / "calibrated.safetensors", folder / "reliability.png", folder / "report.json"
+    result = run_cli(["calibrate", "--checkpoint", overconfident, "--data", data["calib"], "--out", out,
+                      "--plot", plot, "--json", report, "--workers", "0", *CPU])
+    assert result.exit_code == 0, result.stderr
+    return {"path": out, "plot": plot, "report": json.loads(report.read_text()), "result": result}
+
+
+def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overconfident: Path) -> None:
+    report = calibrated["report"]
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert report["temperature"] > 1.5  # the ×5 is undone, at least in part
+    assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
+    assert after["mae"] == before["mae"] and after["accuracy"] == before["accuracy"]
+    assert report["n"] == 120 and report["conformal"]["coverage"] == 0.9
+    assert report["conformal"]["interval_coverage"] >= 0.9 and report["conformal"]["set_coverage"] >= 0.9
+    stdout = calibrated["result"].stdout
+    assert "ECE (15 bins)" in stdout and "before (T = 1)" in stdout and "bin set" in stdout
+    assert read_checkpoint(overconfident).calibration is None  # --out leaves the input alone
+    stored = read_checkpoint(calibrated["path"]).calibration
+    assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 120
+    with Image.open(calibrated["plot"]) as image:
+        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+
+
+def test_calibrated_probabilities_on_the_test_split_are_better(calibrated, overconfident, data) -> None:
+    from numclip_cli.checkpoint import load_model
+    from numclip_cli.datasets import load_samples
+    from numclip_cli.predictor import Predictor
+
+    model, backbone, _ = load_model(calibrated["path"])
+    held = cal.collect(Predictor(model, torch.device("cpu")), load_samples(data["test"], SIZE),
+                       backbone.preprocess, batch_size=64, workers=0)
+    t = calibrated["report"]["temperature"]
+    assert cal.calibration_metrics(held, t)["nll"] < cal.calibration_metrics(held, 1.0)["nll"]
+    assert cal.calibration_metrics(held, t)["ece"] < cal.calibration_metrics(held, 1.0)["ece"]
+
+
+def test_predict_in_a_subprocess_reports_intervals_and_bin_sets(calibrated, data, numclip_bin, clean_env) -> None:
+    proc = subprocess.run([str(numclip_bin), "predict", str(data["test"]), "--recursive", "--checkpoint",
+                           str(calibrated["path"]), "--coverage", "0.9", "--format", "jsonl", "--workers", "0",
+                           *CPU], capture_output=True, text=True, env=clean_env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(records) == 100
+    names = SIZE.bin_names
+    hits = set_hits = 0
+    for record in records:
+        low, high = record["interval"]
+        assert SIZE.low <= low <= record["value"] <= high <= SIZE.high and record["coverage"] == 0.9
+        first = names.index(record["bin_set"][0])
+        assert record["bin_set"] == names[first:first + len(record["bin_set"])]  # contiguous, in order
+        assert record["bin"] in record["bin_set"]
+        truth = float(Path(record["path"]).parent.name)
+        hits += low <= truth <= high
+        set_hits += names[SIZE.bin_index(truth)] in record["bin_set"]
+    # 100 test images: loose bounds around the 0.9 target (the exact statistics are tested above)
+    assert 0.8 <= hits / 100 <= 1.0 and 0.8 <= set_hits / 100 <= 1.0
+
+
+def test_predict_uses_the_calibrated_temperature(calibrated, overconfident, data, run_cli) -> None:
+    images = sorted(str(p) for p in (data["test"] / "5").glob("*.png"))[:3]
+    raw = run_cli(["predict", *images, "--checkpoint", overconfident, "--format", "jsonl", *CPU])
+    tempered = run_cli(["predict", *images, "--checkpoint", calibrated["path"], "--format", "jsonl", *CPU])
+    assert raw.exit_code == tempered.exit_code == 0, raw.stderr + tempered.stderr
+    t = calibrated["report"]["temperature"]
+    for a, b in zip(raw.stdout.splitlines(), tempered.stdout.splitlines(), strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert "interval" not in b  # only with --coverage
+        # softmax(z / T) ** T ∝ softmax(z): undo the temperature (from the milder, less rounded side)
+        undone = torch.tensor(list(b["probs"].values()), dtype=torch.float64) ** t
+        torch.testing.assert_close(undone / undone.sum(), torch.tensor(list(a["probs"].values()),
+                                                                       dtype=torch.float64), atol=2e-3, rtol=0)
+        assert max(b["probs"].values()) < max(a["probs"].values())  # T > 1 flattens
+        assert a["value"] == b["value"] and a["bin"] == b["bin"]
+
+
+def test_coverage_needs_a_calibrated_model(overconfident, calibrated, data, run_cli) -> None:
+    image = str(next((data["test"] / "5").glob("*.png")))
+    zero_shot = run_cli(["predict", image, "--task", str(data["test"] / "task.toml"), "--model", "numclip-tiny",
+                         "--pretrained", "none", "--coverage", "0.9", *CPU])
+    uncalibrated = run_cli(["predict", image, "--checkpoint", overconfident, "--coverage", "0.9", *CPU])
+    for result in (zero_shot, uncalibrated):
+        assert result.exit_code == 2 and "run `numclip calibrate" in result.stderr and not result.stdout
+    too_sure = run_cli(["predict", image, "--checkpoint", calibrated["path"], "--coverage", "0.999", *CPU])
+    assert too_sure.exit_code == 2 and "needs at least 999 calibration samples, there are 120" in too_sure.stderr
+
+
+def test_calibrate_rewrites_in_place_and_refuses_too_little_data(overconfident, data, run_cli, tmp_path) -> None:
+    copy = tmp_path / "model.safetensors"
+    shutil.copy(overconfident, copy)
+    small = run_cli(["calibrate", "--checkpoint", copy, "--data", data["tiny"], "--workers", "0", *CPU])
+    assert small.exit_code == 1 and "calibration needs at least 20" in small.stderr
+    assert read_checkpoint(copy).calibration is None  # nothing written on error
+    result = run_cli(["calibrate", "--checkpoint", copy, "--data", data["calib"], "--coverage", "0.8",
+                      "--workers", "0", "-q", *CPU])
+    assert result.exit_code == 0, result.stderr
+    stored = read_checkpoint(copy).calibration
+    assert stored["coverage"] == 0.8 and stored["data"] == str(data["calib"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp files left

@@ -1,0 +1,270 @@
+"""Checkpoints: safetensors round trips, no unpickling ever, and every broken file gives a one-line error."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from numclip_cli.backbone import load_backbone
+from numclip_cli.checkpoint import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    Checkpoint,
+    load_model,
+    model_tensors,
+    read_checkpoint,
+    write_checkpoint,
+)
+from numclip_cli.errors import CheckpointError
+from numclip_cli.model.methods import METHODS, create_model
+from numclip_cli.tasks import get_task
+
+TRAIN_INFO = {"epochs": 0, "data": "none", "numclip": "test"}
+
+
+def save_model(path: Path, model, backbone, method: str = "numclip") -> Path:
+    write_checkpoint(path, Checkpoint(tensors=model_tensors(model, backbone, tuned_image=False), task=model.task,
+                                      method=method, backbone=backbone.describe(), train=TRAIN_INFO))
+    return path
+
+
+def outputs(model, images: torch.Tensor):
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_backbone) -> torch.Tensor:
+    return torch.randn(4, 3, tiny_backbone.image_size, tiny_backbone.image_size,
+                       generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def numclip_model(tiny_backbone):
+    torch.manual_seed(0)
+    model = create_model("numclip", tiny_backbone, get_task("age")).eval()
+    with torch.no_grad():  # move the learnable parts off their init so a load that ignores them shows
+        for p in [model.prompt.context, model.prompt.words, *model.adapter.parameters(),
+                  *model.regressor.parameters()]:
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory, numclip_model, tiny_backbone) -> Path:
+    return save_model(tmp_path_factory.mktemp("ckpt") / "model.safetensors", numclip_model, tiny_backbone)
+
+
+def test_round_trip_on_random_init_backbone(checkpoint_file: Path, numclip_model, images) -> None:
+    """A --pretrained none backbone travels inside the checkpoint; the reloaded model predicts the same."""
+    loaded, backbone, ckpt = load_model(checkpoint_file)
+    assert ckpt.method == "numclip" and ckpt.task == get_task("age") and ckpt.train == TRAIN_INFO
+    assert backbone.name == "numclip-tiny" and backbone.random_init
+    assert not loaded.training
+    before, after = outputs(numclip_model, images), outputs(loaded, images)
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)
+
+
+def test_reloaded_prompts_give_the_saved_text_features(checkpoint_file: Path, numclip_model) -> None:
+    """The frozen prompt tokens (SOT, suffix, EOT) must come from the saved text tower, not a fresh one."""
+    loaded, _, _ = load_model(checkpoint_file)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_features(), numclip_model.text_features(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_backbone, images, method: str) -> None:
+    """With file weights the checkpoint stores only the method's own tensors and points at the file."""
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(weights))
+    backbone = load_backbone("numclip-tiny", str(weights))
+    model = create_model(method, backbone, get_task("hci")).eval()
+    path = save_model(tmp_path / "m.safetensors", model, backbone, method=method)
+    assert not any(key.startswith("clip.") for key in load_file(str(path)))
+    loaded, _, ckpt = load_model(path)
+    assert ckpt.backbone["pretrained"] == str(weights) and ckpt.method == method
+    before, after = outputs(model, images), outputs(loaded, images)
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)
+
+
+def test_file_is_plain_safetensors_with_json_metadata(checkpoint_file: Path, numclip_model) -> None:
+    data = checkpoint_file.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + header_len])  # safetensors: a JSON header, then raw tensor bytes
+    assert not data.startswith((b"PK", b"\x80"))  # neither a torch zip nor a pickle stream
+    meta = header["__metadata__"]
+    assert meta[FORMAT_KEY] == str(FORMAT_VERSION)
+    assert meta["method"] == "numclip"
+    assert json.loads(meta["task"])["name"] == "age"
+    backbone = json.loads(meta["backbone"])
+    assert backbone["name"] == "numclip-tiny" and backbone["pretrained"] == "none" and backbone["model_cfg"]
+    assert json.loads(meta["train"]) == TRAIN_INFO
+    for key in ("prompt.context", "prompt.words", "adapter.fc.0.weight", "regressor.shift.0.weight"):
+        assert key in header
+    assert any(key.startswith("clip.visual.") for key in header)  # random init: the backbone is stored
+    assert not any(key.startswith("prompt.base") or key.startswith("regressor.beta") for key in header)
+
+
+def test_loading_never_unpickles(monkeypatch: pytest.MonkeyPatch, checkpoint_file: Path, images) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("checkpoint loading must not unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    model, _, _ = load_model(checkpoint_file)
+    assert outputs(model, images).value.shape == (4,)
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, numclip_model, tiny_backbone) -> None:
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"previous")
+    save_model(path, numclip_model, tiny_backbone)
+    assert read_checkpoint(path).method == "numclip"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# --- broken files: each is a CheckpointError with a one-line message naming the problem ----------------------
+
+def _rewrite(src: Path, dst: Path, tensors=None, meta=None) -> Path:
+    with safe_open(str(src), framework="pt") as handle:
+        old_meta = handle.metadata()
+    save_file(tensors if tensors is not None else load_file(str(src)), str(dst),
+              metadata=meta if meta is not None else old_meta)
+    return dst
+
+
+def _meta(src: Path, **changes: str | None) -> dict[str, str]:
+    with safe_open(str(src), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    return meta
+
+
+def make_broken(kind: str, good: Path, folder: Path) -> Path:
+    """A broken variant of the good checkpoint."""
+    path = folder / f"{kind}.safetensors"
+    data = good.read_bytes()
+    tensors = load_file(str(good))
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated-header":
+        path.write_bytes(data[:100])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is a text file, not a checkpoint\n")
+    elif kind == "torch-zip":
+        torch.save(tensors, path)
+    elif kind == "unknown-format":
+        _rewrite(good, path, meta=_meta(good, numclip__format="99"))
+    elif kind == "not-numclip":
+        _rewrite(good, path, meta=_meta(good, numclip__format=None))
+    elif kind == "wrong-shape":
+        tensors["adapter.fc.0.weight"] = torch.zeros(3, 5)
+        _rewrite(good, path, tensors=tensors)
+    elif kind == "wrong-backbone-shape":
+        tensors["clip.visual.proj"] = torch.zeros(7, 7)
+        _rewrite(good, path, tensors=tensors)
+    elif kind == "renamed":
+        tensors["prompt.ctx"] = tensors.pop("prompt.context")
+        _rewrite(good, path, tensors=tensors)
+    elif kind == "missing-method-tensor":
+        del tensors["regressor.shift.0.weight"]
+        _rewrite(good, path, tensors=tensors)
+    elif kind == "missing-backbone-tensor":
+        del tensors["clip.visual.proj"]
+        _rewrite(good, path, tensors=tensors)
+    elif kind == "bad-task":
+        _rewrite(good, path, meta=_meta(good, task=json.dumps({"name": "age", "prompt": "no braces"})))
+    elif kind == "bad-json":
+        _rewrite(good, path, meta=_meta(good, backbone="{not json"))
+    elif kind == "unknown-method":
+        _rewrite(good, path, meta=_meta(good, method="bogus"))
+    elif kind == "empty-backbone":
+        _rewrite(good, path, meta=_meta(good, backbone="{}"))
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+# kind -> words the one-line message must contain
+BROKEN = {
+    "truncated": ["not a readable safetensors"],
+    "truncated-header": ["not a readable safetensors"],
+    "empty": ["safetensors"],
+    "text": ["not a readable safetensors"],
+    "torch-zip": ["not a readable safetensors"],
+    "unknown-format": ["'99'", "format"],
+    "not-numclip": ["not a numclip checkpoint"],
+    "wrong-shape": ["'adapter.fc.0.weight'", "(3, 5)"],
+    "wrong-backbone-shape": ["'clip.visual.proj'", "(7, 7)"],
+    "renamed": ["'prompt.ctx'"],
+    "missing-method-tensor": ["regressor.shift.0.weight"],
+    "missing-backbone-tensor": ["clip.visual.proj"],
+    "bad-task": ["'prompt'"],
+    "bad-json": ["metadata"],
+    "unknown-method": ["bogus"],
+    "empty-backbone": ["backbone"],
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_checkpoint_is_a_one_line_error(kind: str, checkpoint_file: Path, tmp_path: Path) -> None:
+    path = make_broken(kind, checkpoint_file, tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for word in BROKEN[kind]:
+        assert word in message, f"{kind}: {word!r} not in {message!r}"
+
+
+def test_missing_checkpoint_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "torch-zip", "unknown-format", "wrong-shape",
+                                  "unknown-method"])
+def test_cli_reports_a_broken_checkpoint_in_one_line(kind: str, checkpoint_file: Path, tmp_path: Path,
+                                                     synthetic_images, run_cli) -> None:
+    path = make_broken(kind, checkpoint_file, tmp_path)
+    out = tmp_path / "out.jsonl"
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", path, "--output", out])
+    assert result.exit_code == 1, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("numclip: error:"), result.stderr
+    assert str(path) in errors[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+
+
+def test_cli_predicts_with_a_checkpoint(checkpoint_file: Path, synthetic_images, run_cli) -> None:
+    result = run_cli(["predict", *synthetic_images[:3], "--checkpoint", checkpoint_file, "--format", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == synthetic_images[:3]
+    assert all(r["status"] == "ok" and r["task"] == "age" for r in records)
+
+
+def test_cli_rejects_checkpoint_with_model_or_other_task(checkpoint_file: Path, synthetic_images, run_cli) -> None:
+    combined = run_cli(["predict", synthetic_images[0], "--checkpoint", checkpoint_file, "--model", "RN50"])
+    assert combined.exit_code == 2 and "--checkpoint" in combined.stderr
+    other = run_cli(["predict", synthetic_images[0], "--checkpoint", checkpoint_file, "--task", "hci"])
+    assert other.exit_code == 2 and "task" in other.stderr

@@ -1,0 +1,186 @@
+"""The ordinal models on real open_clip backbones: step 0 is zero-shot CLIP, shapes, readouts and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from numclip_cli.backbone import load_backbone
+from numclip_cli.errors import UsageError
+from numclip_cli.model.methods import METHODS, NumClip, ZeroShot, create_model
+from numclip_cli.tasks import get_task, list_tasks
+
+BATCH = 3
+
+
+def reference_text_features(backbone, task) -> torch.Tensor:
+    """What plain zero-shot CLIP computes for the task's hand-written prompts."""
+    tokens = backbone.tokenizer([task.prompt.format(name) for name in task.bin_names])
+    with torch.no_grad():
+        return nn.functional.normalize(backbone.model.encode_text(tokens).float(), dim=-1)
+
+
+def images(backbone, n: int = BATCH, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_backbone) -> torch.Tensor:
+    return images(tiny_backbone)
+
+
+def test_methods_registry() -> None:
+    assert {"numclip", "zeroshot"} <= set(METHODS)
+    assert METHODS["numclip"] is NumClip and METHODS["zeroshot"] is ZeroShot
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_every_method_predicts_bins_and_values(tiny_backbone, batch, task_name: str, method: str) -> None:
+    """Parametrised over the method registry: every method maps images to bin logits and an in-range value."""
+    task = get_task(task_name)
+    model = create_model(method, tiny_backbone, task).eval()
+    assert model.method == method
+    with torch.no_grad():
+        out = model(batch, model.text_features())
+    bins = model.bin_logits(out.logits)
+    assert bins.shape == (BATCH, len(task.bins)) and torch.isfinite(bins).all()
+    assert out.value.shape == (BATCH,) and torch.isfinite(out.value).all()
+    assert ((task.low - 1e-3 <= out.value) & (out.value <= task.high + 1e-3)).all()
+    if out.value_max is not None:
+        assert out.value_max.shape == (BATCH,)
+
+
+def test_unknown_method_is_a_usage_error(tiny_backbone) -> None:
+    with pytest.raises(UsageError, match="bogus"):
+        create_model("bogus", tiny_backbone, get_task("age"))
+
+
+@pytest.mark.parametrize("method", ["numclip", "zeroshot"])
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_initial_prompts_equal_zero_shot_clip(tiny_backbone, task_name: str, method: str) -> None:
+    """Step 0 of prompt learning is exactly zero-shot CLIP: the learnable tokens start as the prompt's words."""
+    task = get_task(task_name)
+    model = create_model(method, tiny_backbone, task)
+    with torch.no_grad():
+        features = model.text_features()
+    expected = reference_text_features(tiny_backbone, task)
+    assert features.shape == (len(task.bins), model.embed_dim)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(len(task.bins)), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["numclip", "zeroshot"])
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_output_shapes_and_cached_text_features(tiny_backbone, batch, task_name: str, method: str) -> None:
+    task = get_task(task_name)
+    model = create_model(method, tiny_backbone, task).eval()
+    with torch.no_grad():
+        out = model(batch)
+        cached = model(batch, model.text_features())
+    assert out.logits.shape == (BATCH, len(task.bins))
+    assert out.value.shape == (BATCH,)
+    assert out.value_max is None
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.value).all()
+    torch.testing.assert_close(out.logits, cached.logits)
+    torch.testing.assert_close(out.value, cached.value)
+    assert model.bin_logits(out.logits) is out.logits
+
+
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_zero_shot_value_is_expected_midpoint(tiny_backbone, batch, task_name: str) -> None:
+    task = get_task(task_name)
+    model = create_model("zeroshot", tiny_backbone, task)
+    with torch.no_grad():
+        out = model(batch)
+    midpoints = torch.tensor([b.midpoint for b in task.bins])
+    torch.testing.assert_close(out.value, out.logits.softmax(-1) @ midpoints)
+    assert ((task.low <= out.value) & (out.value <= task.high)).all()
+
+
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_zero_shot_logits_are_scaled_cosine_similarities(tiny_backbone, batch, task_name: str) -> None:
+    task = get_task(task_name)
+    model = create_model("zeroshot", tiny_backbone, task)
+    with torch.no_grad():
+        out = model(batch)
+        image = nn.functional.normalize(tiny_backbone.model.encode_image(batch).float(), dim=-1)
+        scale = tiny_backbone.model.logit_scale.exp().clamp(max=100)
+    expected = scale * image @ reference_text_features(tiny_backbone, task).t()
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task_name", list_tasks())
+def test_fine_regressor_starts_as_probability_weighted_lower_edges(tiny_backbone, batch, task_name: str) -> None:
+    """Δ ≈ 0 at init, so ŷ = low_0 + Σ p_k β_k with β_k = low_k − low_0."""
+    task = get_task(task_name)
+    model = create_model("numclip", tiny_backbone, task)
+    with torch.no_grad():
+        out = model(batch)
+        delta = model.regressor.shift(out.logits)
+    lows = torch.tensor([b.low for b in task.bins])
+    beta = lows - lows[0]
+    expected = lows[0] + out.logits.softmax(-1) @ beta
+    assert delta.abs().max() < 1e-3
+    torch.testing.assert_close(out.value, expected, atol=1e-3 * float(beta.max()), rtol=0)
+    assert ((task.low <= out.value) & (out.value <= task.high)).all()
+
+
+def test_gradients_reach_prompts_and_heads_but_not_the_frozen_text_tower(tiny_backbone, batch) -> None:
+    model = create_model("numclip", tiny_backbone, get_task("age"))
+    out = model(batch)
+    (out.value.sum() + out.logits.square().mean()).backward()
+    learned = {
+        "prompt.context": [model.prompt.context],
+        "prompt.words": [model.prompt.words],
+        "adapter": list(model.adapter.parameters()),
+        "regressor": list(model.regressor.parameters()),
+    }
+    for name, params in learned.items():
+        assert params, name
+        for p in params:
+            assert p.requires_grad, name
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert any(p.grad.abs().sum() > 0 for p in params), f"no gradient reaches {name}"
+    clip = tiny_backbone.model
+    frozen = [clip.token_embedding.weight, clip.positional_embedding, clip.text_projection,
+              *clip.transformer.parameters(), *clip.ln_final.parameters(), *clip.visual.parameters()]
+    for p in frozen:
+        assert not p.requires_grad and p.grad is None
+    groups = model.trainable_groups()
+    assert groups["context"][0] is model.prompt.context and groups["words"][0] is model.prompt.words
+
+
+def test_zero_shot_has_nothing_to_train(tiny_backbone) -> None:
+    model = create_model("zeroshot", tiny_backbone, get_task("hci"))
+    assert model.trainable_groups() == {}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_prompt_words_have_variable_token_lengths(tiny_backbone) -> None:
+    """'young adult' is two tokens, 'child' one: every bin keeps exactly its own word positions."""
+    task = get_task("age")
+    model = create_model("numclip", tiny_backbone, task)
+    lengths = [len(tiny_backbone.tokenizer.encode(name)) for name in task.bin_names]
+    assert model.prompt.word_lengths.tolist() == lengths
+    assert model.prompt.words.shape[0] == sum(lengths)
+    assert model.prompt.context.shape[0] == len(tiny_backbone.tokenizer.encode(task.prompt.split("{}")[0]))
+
+
+@pytest.mark.parametrize(("name", "width"), [("ViT-B-32", 512), ("RN50", 1024)])
+def test_embedding_width_comes_from_the_backbone(name: str, width: int) -> None:
+    """Random-init ViT-B-32 (512-d) and RN50 (1024-d): one forward pass on a single image each."""
+    torch.manual_seed(0)
+    backbone = load_backbone(name, "none")
+    task = get_task("age")
+    model = create_model("numclip", backbone, task).eval()
+    assert model.embed_dim == width
+    assert model.adapter.fc[0].in_features == width
+    with torch.no_grad():
+        features = model.text_features()
+        out = model(images(backbone, n=1), features)
+    torch.testing.assert_close(features, reference_text_features(backbone, task), atol=1e-5, rtol=1e-5)
+    assert out.logits.shape == (1, len(task.bins)) and out.value.shape == (1,)
+    assert torch.isfinite(out.value).all()

@@ -6,9 +6,13 @@ Weights are only ever read with ``weights_only=True`` (torch files) or from safe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -114,9 +118,15 @@ def load_backbone(
     pretrained: str = DEFAULT_PRETRAINED,
     device: Any = "cpu",
     model_cfg: dict[str, Any] | None = None,
+    init_seed: int = 0,
 ) -> Backbone:
-    """Build an open_clip model; ``model_cfg`` registers an architecture unknown to this install first."""
+    """Build an open_clip model; ``model_cfg`` registers an architecture unknown to this install first.
+
+    Random initialisation (``pretrained="none"``, or parts a weights file does not cover) is seeded with
+    ``init_seed`` without disturbing the caller's random state, so the same command builds the same model.
+    """
     import open_clip
+    import torch
 
     register_model_configs()
     schema = name.split(":", 1)[0] + ":" if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) else None
@@ -135,9 +145,11 @@ def load_backbone(
                              f"a weights file, or 'none'")
         _check_hub_weights(name, tag)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, weights_only=True
-        )
+        with _weights_only_loads(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, device=device, weights_only=True
+            )
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/UnpicklingError
         raise _weights_error(name, pretrained, exc) from exc
     model.eval()
@@ -146,6 +158,28 @@ def load_backbone(
     label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name,
                     pretrained=label, model_cfg=cfg)
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Make every ``torch.load`` meanwhile use ``weights_only=True``, whatever the caller passes, and quietly.
+
+    open_clip retries a ``torch.load`` that raised TypeError without ``weights_only``; torch then defaults to True,
+    unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set, which would let a crafted file run code. The environment
+    is put back afterwards. torch's warnings about odd files it refuses are noise next to our one-line error.
+    """
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def _check_hub_weights(name: str, tag: str) -> None:
@@ -191,6 +225,18 @@ def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:
     if "weights_only" in text or "Unpickl" in type(exc).__name__ or "pickle" in text.lower():
         return WeightsError(f"refusing to load {pretrained}: it is not a plain tensor file "
                             f"(unpickling arbitrary objects is disabled for safety)")
+    # torch's load_state_dict message names every mismatch; the first one, by name, is what the user needs
+    shape = re.search(r"size mismatch for (\S+): copying a param with shape torch\.Size\((.*?)\) from checkpoint, "
+                      r"the shape in current model is torch\.Size\((.*?)\)", text)
+    if shape:
+        key, got, want = shape.groups()
+        return WeightsError(f"{pretrained}: tensor {key!r} has shape {got}, {name} expects {want} "
+                            f"(weights of another architecture? check --model)")
+    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[^\"]*\"(?:, )?){1,3})", text)
+    if keys:
+        kind, names = keys.groups()
+        return WeightsError(f"{pretrained} does not fit {name}: {kind.lower()} tensor(s) {names.rstrip(', ')} "
+                            f"(weights of another architecture? check --model)")
     if len(text) > 160:
         text = text[:160] + "…"
     offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""

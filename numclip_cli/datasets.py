@@ -127,9 +127,10 @@ def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samp
 class LabelledImages(Dataset):
     """(image tensor, value, bin index) per sample; an unreadable image yields ``None`` to be skipped."""
 
-    def __init__(self, samples: Samples, task: TaskSpec, transform: Callable) -> None:
+    def __init__(self, samples: Samples, task: TaskSpec, transform: Callable, augment_seed: int | None = None) -> None:
         self.samples = samples
         self.transform = transform
+        self.augment_seed = augment_seed  # random augmentation seeded per (epoch, sample): same in any process
         self.bins = [task.bin_index(v) for v in samples.values]
 
     def __len__(self) -> int:
@@ -140,7 +141,11 @@ class LabelledImages(Dataset):
             image = load_rgb(self.samples.paths[index])
         except ImageLoadError:
             return None
-        return self.transform(image), self.samples.values[index], self.bins[index]
+        if self.augment_seed is None:
+            return self.transform(image), self.samples.values[index], self.bins[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.augment_seed * 1_000_003 + index)
+            return self.transform(image), self.samples.values[index], self.bins[index]
 
 
 def collate_labelled(items: list) -> dict[str, torch.Tensor] | None:

@@ -1,38 +1,46 @@
 """Batched, streaming inference: decode in DataLoader workers, run the model under ``inference_mode`` with text
-features computed once, and yield one record per input, in input order."""
+features computed once, and yield one record per input (per face with ``--faces all``), in input order."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
+from numclip_cli.errors import NumclipError
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
 
+# an upright image → its views (the image itself, or face crops) with the fields each adds to its record
+Crops = Callable[[Any], list[tuple[Any, dict[str, Any]]]]
+
 
 class ImageFiles(Dataset):
-    """Paths → preprocessed tensors; a file that cannot be used yields its one-line error instead."""
+    """Paths → preprocessed views (the image, or its face crops); a file that cannot be used yields its error."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+    def __init__(self, paths: Sequence[str], transform: Callable, crops: Crops | None = None) -> None:
         self.paths = paths
         self.transform = transform
+        self.crops = crops  # runs here, so face detection happens in the decode workers
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, list[dict[str, Any]]]:
         try:
-            return index, self.transform(load_rgb(self.paths[index])), ""
+            image = load_rgb(self.paths[index])
+            views = self.crops(image) if self.crops else [(image, {})]
+            return index, torch.stack([self.transform(view) for view, _ in views]), "", [f for _, f in views]
         except ImageLoadError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}"
+            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}", []
 
 
 @dataclass
@@ -40,23 +48,41 @@ class Batch:
     """Decoded images of one batch and the errors of the inputs that failed."""
 
     indices: list[int]
-    images: torch.Tensor | None  # stacked tensors of the inputs that decoded, in order
+    images: torch.Tensor | None  # stacked views of the inputs that decoded, in order
     errors: dict[int, str]
+    fields: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # per decoded input: its views' fields
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> Batch:
-    """Stack the decoded images, keep the errors by input index."""
-    ok = [tensor for _, tensor, _ in items if tensor is not None]
-    return Batch(indices=[i for i, _, _ in items], images=torch.stack(ok) if ok else None,
-                 errors={i: err for i, tensor, err in items if tensor is None})
+def collate(items: list[tuple[int, torch.Tensor | None, str, list[dict[str, Any]]]]) -> Batch:
+    """Concatenate the views of the decoded images, keep the errors by input index."""
+    ok = [tensor for _, tensor, _, _ in items if tensor is not None]
+    return Batch(indices=[i for i, *_ in items], images=torch.cat(ok) if ok else None,
+                 errors={i: err for i, tensor, err, _ in items if tensor is None},
+                 fields={i: fields for i, tensor, _, fields in items if tensor is not None})
+
+
+def leave_stop_signals_to_parent(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a decode worker ignores Ctrl-C and SIGTERM sent to the process group.
+
+    The main process stops the run (keeping every finished record) and then shuts its workers down; a worker that
+    died of the same signal first would make the DataLoader raise in the main process, possibly mid-commit.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is the DataLoader's report that a decode worker process died (killed, crashed)."""
+    # torch has no exception type for it: a RuntimeError with this message, from its iterator or SIGCHLD handler
+    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
 
 
 def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
-            pin_memory: bool = False) -> Iterator[Batch]:
+            pin_memory: bool = False, crops: Crops | None = None) -> Iterator[Batch]:
     """Decoded batches in input order; workers decode ahead while the model computes."""
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, transform, crops), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=leave_stop_signals_to_parent)
     yield from loader
 
 
@@ -65,13 +91,18 @@ def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers:
 FEW_INPUTS = 16
 
 
-def default_workers(num_inputs: int, batch_size: int) -> int:
-    """Decode in the main process for a handful of images (no start-up cost), else use up to 4 workers."""
+def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Decode processes: none for a handful of images, up to 4 feeding an accelerator, at most one on a CPU."""
     import os
 
+    cores = os.cpu_count() or 1
     if num_inputs <= max(batch_size, FEW_INPUTS):
         return 0
-    return max(1, min(4, (os.cpu_count() or 1)))
+    if device_type != "cpu":
+        return max(1, min(4, cores))
+    # on CPU the model's threads already use every core; measured on 2 cores (README, Performance): with workers
+    # numclip-tiny runs 15-25 % slower and ViT-B-16 no faster, so only a larger CPU gets one worker for pipelining
+    return 1 if cores > 2 else 0
 
 
 def image_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -100,11 +131,14 @@ class Predictor:
     """A model ready for inference: text features cached, optional calibration applied to probabilities."""
 
     def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0,
-                 conformal: ConformalRule | None = None, fast: bool = False) -> None:
+                 conformal: ConformalRule | None = None, fast: bool = False,
+                 warn: Callable[[str], None] = lambda message: None) -> None:
         self.model = model.eval()
         self.device = device
         self.temperature = temperature
         self.conformal = conformal  # adds an interval and a contiguous bin set to every record
+        self.warn = warn
+        self.max_batch: int | None = None  # set when a batch did not fit in device memory
         self.task = model.task
         with torch.inference_mode():
             self.text_features = model.text_features()
@@ -135,26 +169,64 @@ class Predictor:
             result["set_low"], result["set_high"] = self.conformal.bin_sets(bin_logits)
         return {key: value.cpu() for key, value in result.items()}
 
-    def outputs(self, paths: Sequence[str], transform: Callable, batch_size: int = 32,
-                workers: int | None = None) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+    def outputs(self, paths: Sequence[str], transform: Callable, batch_size: int = 32, workers: int | None = None,
+                crops: Crops | None = None) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
         """Each decoded batch with ``predict_images`` of its readable images (empty when none decoded)."""
-        workers = default_workers(len(paths), batch_size) if workers is None else workers
+        workers = default_workers(len(paths), batch_size, self.device.type) if workers is None else workers
         pin = self.device.type == "cuda"
-        for batch in batches(paths, transform, batch_size, workers, pin_memory=pin):
-            yield batch, (self.predict_images(batch.images) if batch.images is not None else {})
+        for batch in batches(paths, transform, batch_size, workers, pin_memory=pin, crops=crops):
+            yield batch, (self.predict_fitting(batch.images) if batch.images is not None else {})
 
-    def records(self, paths: Sequence[str], transform: Callable, batch_size: int = 32,
-                workers: int | None = None) -> Iterator[dict[str, Any]]:
-        """One record per path, in order: ``status: ok`` with the prediction or ``status: error``."""
-        for batch, preds in self.outputs(paths, transform, batch_size, workers):
+    def predict_fitting(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``predict_images`` in slices that fit in device memory: out of memory halves the slice, with a warning."""
+        parts, start = [], 0
+        while start < len(images):
+            size = min(self.max_batch or len(images), len(images) - start)
+            part = self._predict_unless_out_of_memory(images[start:start + size])
+            if part is None:
+                # here, not in the except block: the failed attempt's tensors are freed before the cache is emptied
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.max_batch = size // 2
+                self.warn(f"out of {self.device} memory with {size} images per batch: continuing with "
+                          f"{self.max_batch} (--batch-size {self.max_batch} avoids the retry)")
+                continue
+            parts.append(part)
+            start += size
+        return parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def _predict_unless_out_of_memory(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``predict_images``, or None when the batch does not fit (one image that does not fit is an error)."""
+        try:
+            return self.predict_images(images)
+        except torch.OutOfMemoryError as exc:
+            if len(images) == 1:
+                raise NumclipError(f"out of {self.device} memory even for one image: {' '.join(str(exc).split())[:200]}"
+                                   f" (try a smaller --model or --device cpu)") from None
+            return None
+
+    def records(self, paths: Sequence[str], transform: Callable, batch_size: int = 32, workers: int | None = None,
+                crops: Crops | None = None) -> Iterator[dict[str, Any]]:
+        """One record per path (per view with ``crops``), in order: ``status: ok`` with the prediction, or ``error``."""
+        for group in self.input_records(paths, transform, batch_size, workers, crops):
+            yield from group
+
+    def input_records(self, paths: Sequence[str], transform: Callable, batch_size: int = 32,
+                      workers: int | None = None, crops: Crops | None = None) -> Iterator[list[dict[str, Any]]]:
+        """The records of each path, in order: one, or one per face with ``--faces all``."""
+        for batch, preds in self.outputs(paths, transform, batch_size, workers, crops):
             rows = {key: value.tolist() for key, value in preds.items()}
             ok_position = 0
             for index in batch.indices:
                 if index in batch.errors:
-                    yield {"path": paths[index], "status": "error", "error": batch.errors[index]}
+                    yield [{"path": paths[index], "status": "error", "error": batch.errors[index]}]
                     continue
-                yield self._record(paths[index], {key: value[ok_position] for key, value in rows.items()})
-                ok_position += 1
+                group = []
+                for fields in batch.fields[index]:
+                    row = {key: value[ok_position] for key, value in rows.items()}
+                    group.append({**self._record(paths[index], row), **fields})
+                    ok_position += 1
+                yield group
 
     def _record(self, path: str, row: dict[str, Any]) -> dict[str, Any]:
         names = self.task.bin_names

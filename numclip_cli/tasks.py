@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from numclip_cli.errors import TaskSpecError
+from numclip_cli.faces import ONE_VIEW_MODES
 
 RANK_MODES = ("integers", "bins")
 _MAX_INTEGER_RANKS = 1000
@@ -45,6 +46,7 @@ class TaskSpec:
     prompt: str
     bins: tuple[Bin, ...]
     ranks: str = "integers"  # fine classes for rank-based methods: every integer in range, or the bins
+    faces: str = "none"  # default --faces: "largest" crops the largest face first (numclip[face])
 
     @property
     def bin_names(self) -> list[str]:
@@ -109,7 +111,7 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
     """Build and validate a TaskSpec; every problem names the offending field."""
     if not isinstance(data, dict):
         raise TaskSpecError(f"{source}: expected a table of fields, got {type(data).__name__}")
-    unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks"}
+    unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks", "faces"}
     if unknown:
         raise TaskSpecError(f"{source}: unknown field(s) {sorted(map(str, unknown))}")
     name = _text(data, "name", source)
@@ -120,12 +122,15 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
     ranks = _text(data, "ranks", source, default="integers")
     if ranks not in RANK_MODES:
         raise TaskSpecError(f"{source}: field 'ranks' must be one of {list(RANK_MODES)}, got {ranks!r}")
+    faces = _text(data, "faces", source, default="none")
+    if faces not in ONE_VIEW_MODES:  # 'all' changes how many records an input gives: an explicit choice only
+        raise TaskSpecError(f"{source}: field 'faces' must be one of {list(ONE_VIEW_MODES)}, got {faces!r}")
     raw_bins = data.get("bins")
     if not isinstance(raw_bins, list) or len(raw_bins) < 2:
         raise TaskSpecError(f"{source}: field 'bins' must be a list of at least 2 bins")
     bins = tuple(_bin(raw, f"{source}: bins[{i}]") for i, raw in enumerate(raw_bins))
     _check_order(bins, source)
-    task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks)
+    task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks, faces=faces)
     if ranks == "integers" and math.floor(task.high) - math.ceil(task.low) + 1 > _MAX_INTEGER_RANKS:
         raise TaskSpecError(f"{source}: field 'ranks' = 'integers' gives more than {_MAX_INTEGER_RANKS} ranks")
     return task

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from numclip_cli import __version__, metrics
@@ -34,7 +36,9 @@ from numclip_cli.checkpoint import (
     write_checkpoint,
 )
 from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
+from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
 from numclip_cli.errors import CheckpointError, UsageError
+from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.model.methods import OrdinalModel, Output, create_model
 from numclip_cli.tasks import TaskSpec
 
@@ -58,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # fp16 autocast on CUDA only; CPU always runs fp32 (bf16 is slower on these CPUs)
     workers: int = 2
+    face_margin: float = DEFAULT_MARGIN  # around the face crop, when the task's ``faces`` is "largest"
 
 
 @dataclass
@@ -96,11 +101,32 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+class GlobalBatchStep(nn.Module):
+    """A training forward pass: this rank's images (or cached features) → features gathered over all ranks with
+    gradients → the method's head and losses on the global batch (see numclip_cli.distributed)."""
+
+    def __init__(self, model: OrdinalModel, world: World) -> None:
+        super().__init__()
+        self.model, self.world = model, world
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses by name for the global batch."""
+        features = batch["features"] if "features" in batch else self.model.encode_images(batch["images"])
+        values, bins = gather(batch["values"], self.world), gather(batch["bins"], self.world)
+        out = self.model.head(gather(features, self.world), self.model.text_features())
+        return self.model.loss(out, values, bins)
+
+
 class Trainer:
     """Train one method on one backbone and task; report through callbacks (the core prints nothing)."""
 
-    def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device,
+                 world: World | None = None) -> None:
         self.backbone, self.task, self.config, self.device = backbone, task, config, device
+        self.world = world or World()
+        if config.batch_size % self.world.size:
+            raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of the "
+                             f"{self.world.size} processes")
         _seed_everything(config.seed)
         self.model: OrdinalModel = create_model(config.method, backbone, task)
         if backbone.random_init:
@@ -119,6 +145,8 @@ class Trainer:
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
+        step = GlobalBatchStep(self.model, self.world)
+        self.step = DistributedDataParallel(step) if self.world.distributed else step
         self.optimizer = torch.optim.RAdam(
             [{"params": params, "lr": lrs.get(name, config.lr), "name": name} for name, params in wanted.items()],
             betas=(0.9, 0.999), weight_decay=0.0)
@@ -128,26 +156,32 @@ class Trainer:
         self.start_epoch = 0
         self.best_mae = math.inf
         self.best_epoch = -1
+        self.history: list[EpochReport] = []  # epochs done before a resume
 
     # ----------------------------------------------------------------------------------------------- data
     def _loader(self, samples: Samples, train: bool, epoch: int) -> DataLoader:
-        transform = train_transform(self.backbone.preprocess_cfg) if train else self.backbone.preprocess
-        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
-        return DataLoader(LabelledImages(samples, self.task, transform), batch_size=self.config.batch_size,
-                          shuffle=train, drop_last=False, num_workers=self.config.workers, generator=generator,
-                          collate_fn=collate_labelled, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        """Training: this rank's share of a seeded per-epoch order, augmentation seeded per sample (so the
+        result does not depend on worker count or process layout). Evaluation: every sample, in order."""
+        seed = _epoch_seed(self.config.seed, epoch)
+        transform = face_transform(self.task.faces, self.config.face_margin,  # predict crops the same way
+                                   train_transform(self.backbone.preprocess_cfg) if train else self.backbone.preprocess)
+        world = self.world if train else World()
+        return DataLoader(LabelledImages(samples, self.task, transform, augment_seed=seed if train else None),
+                          batch_size=self.config.batch_size // world.size,
+                          sampler=EpochOrder(len(samples), seed, world, shuffle=train),
+                          num_workers=self.config.workers, collate_fn=collate_labelled,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     def _batches(self, samples: Samples, train: bool, epoch: int) -> DataLoader | list[dict[str, torch.Tensor]]:
         """Decoded image batches, or batches of cached image features for methods with a frozen image tower."""
         if not self.model.frozen_image:
             return self._loader(samples, train, epoch)
         cached = self._features(samples)
-        count = len(cached["values"])
-        generator = torch.Generator().manual_seed(_epoch_seed(self.config.seed, epoch))
-        order = torch.randperm(count, generator=generator) if train else torch.arange(count)
+        world = self.world if train else World()
+        order = torch.tensor(list(EpochOrder(len(cached["values"]), _epoch_seed(self.config.seed, epoch), world,
+                                             shuffle=train)), dtype=torch.long)
         batches = [{key: value[index.to(value.device)] for key, value in cached.items() if key != "skipped"}
-                   for index in order.split(self.config.batch_size)]
+                   for index in order.split(self.config.batch_size // world.size)]
         if batches:
             batches[0]["skipped"] = cached["skipped"]  # counted once per pass, like the image loader does
         return batches
@@ -197,13 +231,12 @@ class Trainer:
             if "values" not in batch:
                 continue
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                out = self._forward(batch)
-                loss = self.model.loss(out, batch["values"].to(self.device), batch["bins"].to(self.device))
+                loss = self.step({key: value.to(self.device, non_blocking=True) for key, value in batch.items()})
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            losses.append(float(loss["total"].detach()))
+            losses.append(float(loss["total"].detach()))  # the global batch's loss: the same on every rank
             on_step(step + 1, len(loader), losses[-1])
         self.scheduler.step()
         return (statistics.fmean(losses) if losses else math.nan), skipped
@@ -234,17 +267,22 @@ class Trainer:
             on_epoch: Callable[[EpochReport], None] = lambda _: None) -> TrainResult:
         """Train for the configured epochs (from ``start_epoch`` when resumed), checkpointing every epoch."""
         baseline = metrics.mae(torch.full((len(val),), statistics.median(train.values)), torch.tensor(val.values))
-        history = []
+        history = list(self.history)
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
             loss, skipped = self.train_epoch(train, epoch, on_step)
+            skipped = round(mean_across(skipped, self.world) * self.world.size)
             report = EpochReport(epoch + 1, loss, self.evaluate(val), skipped, time.perf_counter() - started)
             history.append(report)
-            if report.val["mae"] < self.best_mae:
+            improved = report.val["mae"] < self.best_mae
+            if improved:
                 self.best_mae, self.best_epoch = report.val["mae"], epoch + 1
-                self._save(out, train, val, report, history, baseline, resume=False)
-            self._save(last_path(out), train, val, report, history, baseline, resume=True)
-            on_epoch(report)
+            if self.world.is_main:  # every rank holds the same weights; one writes them
+                if improved:
+                    self._save(out, train, val, report, history, baseline, resume=False)
+                self._save(last_path(out), train, val, report, history, baseline, resume=True)
+                on_epoch(report)
+            barrier(self.world)
         best = read_checkpoint(out).train.get("metrics", {}) if out.exists() else {}
         return TrainResult(self.best_epoch, best, history, baseline)
 
@@ -285,6 +323,7 @@ class Trainer:
         self.scheduler.load_state_dict(scheduler)
         self.start_epoch = int(ckpt.resume["epoch"])
         self.best_mae, self.best_epoch = float(ckpt.resume["best_mae"]), int(ckpt.resume["best_epoch"])
+        self.history = [EpochReport(**report) for report in ckpt.resume.get("history", [])]
         return self.start_epoch
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from numclip_cli.atomic import no_space
+from numclip_cli.errors import NumclipError
 
 FORMATS = ("table", "jsonl", "csv")
 _CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "expected_bin",
@@ -107,3 +113,24 @@ def done_paths(path: Path) -> tuple[set[str], int]:
                 break
             good += len(line)
     return done, good
+
+
+@contextlib.contextmanager
+def appending(path: Path, keep_bytes: int) -> Iterator[IO[str]]:
+    """Cut a JSONL output back to its first ``keep_bytes`` (its complete records) and open it to add records.
+
+    If the disk fills up meanwhile, the file is cut back to its last complete record again, so that
+    ``--skip-existing`` can resume it once there is room.
+    """
+    with path.open("r+b") as handle:
+        handle.truncate(keep_bytes)
+    try:
+        with path.open("a", encoding="utf-8", newline="") as handle:
+            yield handle
+    except OSError as exc:
+        if not no_space(exc):
+            raise
+        with path.open("r+b") as handle:
+            handle.truncate(done_paths(path)[1])
+        raise NumclipError(f"no space left while adding to {path} ({os.strerror(exc.errno)}); its complete "
+                           f"records are kept: free some space and rerun with --skip-existing") from exc

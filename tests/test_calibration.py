@@ -190,7 +190,7 @@ def test_reliability_diagram_is_a_png_of_the_expected_size(splits, tmp_path: Pat
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Disjoint synthetic splits: train + val (for training), calibration, test, and a too-small one."""
     root = tmp_path_factory.mktemp("cal-data")
-    sizes = {"train": 200, "val": 40, "calib": 120, "test": 100, "tiny": 12}
+    sizes = {"train": 200, "val": 40, "calib": 300, "test": 200, "tiny": 12}
     return {name: write_dataset("size", root / name, n=n, seed=seed).parent
             for seed, (name, n) in enumerate(sizes.items())}
 
@@ -223,7 +223,7 @@ def calibrated(overconfident: Path, data: dict[str, Path], run_cli) -> dict[str,
     folder = overconfident.parent
     out, plot, report = folder / "calibrated.safetensors", folder / "reliability.png", folder / "report.json"
     result = run_cli(["calibrate", "--checkpoint", overconfident, "--data", data["calib"], "--out", out,
-                      "--plot", plot, "--json", report, "--workers", "0", *CPU])
+                      "--plot", plot, "--json", report, "--ece-bins", "10", "--workers", "0", *CPU])
     assert result.exit_code == 0, result.stderr
     return {"path": out, "plot": plot, "report": json.loads(report.read_text()), "result": result}
 
@@ -234,13 +234,13 @@ def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overco
     assert report["temperature"] > 1.5  # the ×5 is undone, at least in part
     assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
     assert after["mae"] == before["mae"] and after["accuracy"] == before["accuracy"]
-    assert report["n"] == 120 and report["conformal"]["coverage"] == 0.9
+    assert report["n"] == 300 and report["conformal"]["coverage"] == 0.9
     assert report["conformal"]["interval_coverage"] >= 0.9 and report["conformal"]["set_coverage"] >= 0.9
     stdout = calibrated["result"].stdout
-    assert "ECE (15 bins)" in stdout and "before (T = 1)" in stdout and "bin set" in stdout
+    assert "ECE (10 bins)" in stdout and "before (T = 1)" in stdout and "bin set" in stdout
     assert read_checkpoint(overconfident).calibration is None  # --out leaves the input alone
     stored = read_checkpoint(calibrated["path"]).calibration
-    assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 120
+    assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 300
     with Image.open(calibrated["plot"]) as image:
         assert image.format == "PNG" and image.size == cal.PLOT_SIZE
 
@@ -264,7 +264,7 @@ def test_predict_in_a_subprocess_reports_intervals_and_bin_sets(calibrated, data
                            *CPU], capture_output=True, text=True, env=clean_env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(records) == 100
+    assert len(records) == 200
     names = SIZE.bin_names
     hits = set_hits = 0
     for record in records:
@@ -276,8 +276,8 @@ def test_predict_in_a_subprocess_reports_intervals_and_bin_sets(calibrated, data
         truth = float(Path(record["path"]).parent.name)
         hits += low <= truth <= high
         set_hits += names[SIZE.bin_index(truth)] in record["bin_set"]
-    # 100 test images: loose bounds around the 0.9 target (the exact statistics are tested above)
-    assert 0.8 <= hits / 100 <= 1.0 and 0.8 <= set_hits / 100 <= 1.0
+    # 200 test images, 300 calibration images: loose bounds around 0.9 (the exact statistics are tested above)
+    assert 0.8 <= hits / 200 <= 0.97 and 0.8 <= set_hits / 200 <= 0.97
 
 
 def test_predict_uses_the_calibrated_temperature(calibrated, overconfident, data, run_cli) -> None:
@@ -305,7 +305,7 @@ def test_coverage_needs_a_calibrated_model(overconfident, calibrated, data, run_
     for result in (zero_shot, uncalibrated):
         assert result.exit_code == 2 and "run `numclip calibrate" in result.stderr and not result.stdout
     too_sure = run_cli(["predict", image, "--checkpoint", calibrated["path"], "--coverage", "0.999", *CPU])
-    assert too_sure.exit_code == 2 and "needs at least 999 calibration samples, there are 120" in too_sure.stderr
+    assert too_sure.exit_code == 2 and "needs at least 999 calibration samples, there are 300" in too_sure.stderr
 
 
 def test_calibrate_rewrites_in_place_and_refuses_too_little_data(overconfident, data, run_cli, tmp_path) -> None:

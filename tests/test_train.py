@@ -30,14 +30,14 @@ def run_cli(*args: str):
 @pytest.fixture(scope="module")
 def dots(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dots")
-    write_dataset("dots", root, n=800, seed=0)
+    write_dataset("dots", root, n=1000, seed=0)
     return root
 
 
 def test_learns_well_below_the_median_baseline(dots: Path, tmp_path: Path) -> None:
     out, metrics = tmp_path / "m.safetensors", tmp_path / "metrics.json"
-    result = run_cli("train", "--data", str(dots), *TINY, *FAST, "--epochs", "8", "--milestones", "6",
-                     "--val-split", "0.2", "--workers", "2", "--seed", "0", "--out", str(out),
+    result = run_cli("train", "--data", str(dots), *TINY, *FAST, "--batch-size", "32", "--epochs", "8",
+                     "--milestones", "6", "--val-split", "0.15", "--workers", "2", "--seed", "0", "--out", str(out),
                      "--metrics-out", str(metrics))
     assert result.exit_code == 0, result.output
     summary = json.loads(metrics.read_text())

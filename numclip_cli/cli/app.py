@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from numclip_cli import __version__
@@ -11,6 +13,10 @@ from numclip_cli.cli.predict import predict
 from numclip_cli.cli.synth import synth
 from numclip_cli.cli.tasks import tasks
 from numclip_cli.cli.train import train
+
+# libgomp's default busy-waiting makes torch 4-7x slower whenever other processes (or our own decode workers) want
+# the same cores (measured on a shared 2-core machine: README, Performance); it is read when torch loads, so here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="numclip",

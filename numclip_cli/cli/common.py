@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -92,6 +92,42 @@ def prepare(offline: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, format="%(name)s: %(message)s")
     with contextlib.suppress(ValueError):  # signal() only works in the main thread
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+class StopRequest:
+    """Which stop signal (SIGINT or SIGTERM) arrived during ``stop_at_safe_points``, if any."""
+
+    signum: int | None = None
+
+    def exception(self) -> BaseException | None:
+        """What the signal raises when not deferred: KeyboardInterrupt or Terminated (None: no signal)."""
+        if self.signum is None:
+            return None
+        return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated()
+
+
+@contextlib.contextmanager
+def stop_at_safe_points(quiet: bool = False) -> Iterator[StopRequest]:
+    """While active, a first Ctrl-C or SIGTERM only sets ``request.signum``: the loop stops at its next safe point
+    (never inside a half-written record, a file commit or a decode worker's hand-over of a batch, which would
+    print the worker's traceback); a second one stops at once (KeyboardInterrupt / Terminated)."""
+    request = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+        request.signum = signum
+        if not quiet:  # os.write: a handler may run while sys.stderr is mid-write
+            os.write(2, b"numclip: stopping after the current batch (signal again to stop at once)\n")
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # signal() only works in the main thread
+        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def handle_errors(command: F) -> F:

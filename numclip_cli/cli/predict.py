@@ -27,6 +27,7 @@ from numclip_cli.cli.common import (
     announce_device,
     handle_errors,
     prepare,
+    stop_at_safe_points,
 )
 
 
@@ -49,7 +50,8 @@ def predict(
         "--skip-existing", help="With --output FILE.jsonl: skip inputs already in FILE and append.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[int | None, typer.Option(
-        "--workers", min=0, help="Decoding processes (default: 0 for a few images, else up to 4).")] = None,
+        "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on "
+                                 "a larger CPU, up to 4 feeding a GPU).")] = None,
     fast: Annotated[bool, typer.Option(
         "--fast", help="CPU: int8 dynamic quantisation of the image tower (see `numclip bench` for its speed-up "
                        "and same-bin agreement on your machine).")] = False,
@@ -60,6 +62,12 @@ def predict(
     coverage: Annotated[float | None, typer.Option(
         "--coverage", help="With a calibrated checkpoint: add a prediction interval and a contiguous bin set "
                            "that hold the truth with this probability (e.g. 0.9).", show_default=False)] = None,
+    faces: Annotated[str | None, typer.Option(
+        "--faces", help="largest: predict on the largest face; all: one record per face; none: the whole image "
+                        "(default: the task's, largest for age; needs numclip\\[face]). No face found: the whole "
+                        "image, with \"face\": null.", show_default=False)] = None,
+    face_margin: Annotated[float, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -87,18 +95,26 @@ def predict(
         check_coverage(coverage)
         if checkpoint is None:
             raise UsageError(NEEDS_CALIBRATION)
+    from numclip_cli.faces import face_crops, resolve_mode
+
+    if faces is not None:  # an explicit --faces does not depend on the task: check it before loading a model
+        resolve_mode(faces, "none")
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     from numclip_cli.session import open_session
 
     session = open_session(dev, checkpoint=str(checkpoint) if checkpoint else None, model=model,
                            pretrained=pretrained, task=task)
-    for message in session.warnings:
+    face_mode, face_warning = resolve_mode(faces, session.task.faces)
+    for message in session.warnings + ([face_warning] if face_warning else []):
         reporter.warn(message)
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
     counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
-                           reporter, fast)
+                           reporter, fast, face_crops(face_mode, face_margin))
+    if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
+        raise NumclipError(f"a decoding worker process died ({' '.join(str(stopped).split())}); "
+                           f"--workers 0 decodes in the main process")
     if stopped is not None:
         raise typer.Exit(EXIT_SIGINT if isinstance(stopped, KeyboardInterrupt) else EXIT_SIGTERM)
     ok, failed = counts
@@ -116,44 +132,54 @@ def _default_format(output: Path | None) -> str:
     return "table" if sys.stdout.isatty() else "jsonl"
 
 
-def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, workers, reporter, fast=False):
+def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, workers, reporter, fast=False,
+         crops=None):
     """Stream records into the chosen sink; an interrupt keeps every complete record and is returned."""
     import contextlib
 
     from numclip_cli.atomic import atomic_open
-    from numclip_cli.predictor import Predictor
-    from numclip_cli.writers import done_paths, make_writer
+    from numclip_cli.predictor import Predictor, worker_died
+    from numclip_cli.writers import appending, done_paths, make_writer
 
     if skip_existing and output.exists():
         done, good_bytes = done_paths(output)
         paths = [p for p in paths if p not in done]
-        with output.open("r+b") as handle:
-            handle.truncate(good_bytes)
-        sink = output.open("a", encoding="utf-8", newline="")
+        sink = appending(output, good_bytes)
     elif output is not None:
         sink = atomic_open(output, "w", encoding="utf-8", newline="")
     else:
         sink = contextlib.nullcontext(sys.stdout)
 
     temperature, conformal = calibration
-    predictor = Predictor(session.model, next(session.model.parameters()).device, temperature, conformal, fast)
+    predictor = Predictor(session.model, next(session.model.parameters()).device, temperature, conformal, fast,
+                          warn=reporter.warn)
     ok = failed = 0
     stopped: BaseException | None = None
-    with sink as stream, reporter.progress() as progress:
+    # the stop handler spans the commit too: a signal then waits until the file is complete
+    with stop_at_safe_points(reporter.quiet) as stop, sink as stream, reporter.progress() as progress:
         writer = make_writer(fmt, stream, session.task.bin_names, session.task.unit)
         bar = progress.add_task("predict", total=len(paths), status="")
         try:
-            for record in predictor.records(paths, session.backbone.preprocess, batch_size, workers):
-                writer.write(record)
-                if record["status"] == "ok":
+            # one group per input: a single record, or one per face with --faces all
+            for group in predictor.input_records(paths, session.backbone.preprocess, batch_size, workers, crops):
+                for record in group:
+                    writer.write(record)
+                if group[0]["status"] == "ok":
                     ok += 1
                 else:
                     failed += 1
                 progress.update(bar, advance=1, status=f"{failed} failed" if failed else "")
                 if (ok + failed) % batch_size == 0:
                     writer.flush()
-        except (KeyboardInterrupt, Terminated) as exc:
-            stopped = exc  # keep the complete records: the sink is committed below
+                    if stop.signum is not None:  # a batch boundary: every prediction made so far is written
+                        break
+        except (KeyboardInterrupt, Terminated, RuntimeError) as exc:  # a second signal, or a decode worker died
+            if isinstance(exc, RuntimeError) and not worker_died(exc):
+                raise
+            # Without its traceback (whose frames hold the DataLoader) the decode workers shut down now.
+            stopped = exc.with_traceback(None)
+        stopped = stopped or stop.exception()
+        if stopped is not None:  # keep the complete records: the sink is committed below
             reporter.warn(f"stopped after {ok + failed} of {len(paths)} input(s); "
                           f"rerun with --skip-existing to continue" if output else "stopped")
         writer.close()

@@ -53,6 +53,12 @@ def train(
                                       "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote --out.")] = False,
     metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write final metrics as JSON.")] = None,
+    faces: Annotated[str | None, typer.Option(
+        "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
+                        "none: whole images (default: the task's, largest for age; needs numclip\\[face]). "
+                        "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
+    face_margin: Annotated[float, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -60,16 +66,26 @@ def train(
 ) -> None:
     """Train on labelled images (e.g. `numclip train --data ./hci --task hci`)."""
     prepare(offline, verbose)
+    import dataclasses
+
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import load_samples, split_validation
+    from numclip_cli.distributed import init_world, launched_by_torchrun
     from numclip_cli.errors import UsageError
+    from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
     from numclip_cli.session import default_pretrained
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
-    reporter = Reporter(quiet, verbose)
+    # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
+    world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
+    reporter = Reporter(quiet or not world.is_main, verbose)
     spec = get_task(task or _task_beside(data))
+    face_mode, face_warning = resolve_mode(faces, spec.faces, ONE_VIEW_MODES)
+    if face_warning:
+        reporter.warn(face_warning)
+    spec = dataclasses.replace(spec, faces=face_mode)  # the checkpoint's task says how its images were cropped
     samples = load_samples(data, spec)
     train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
     try:
@@ -78,15 +94,21 @@ def train(
         raise UsageError(f"--milestones {milestones!r}: expected comma-separated epochs") from None
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
                          tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed, amp=amp,
-                         workers=workers)
+                         workers=workers, face_margin=face_margin)
     dev = announce_device(device, reporter)
+    if dev.type == "cuda" and launched_by_torchrun():
+        import torch
+
+        dev = torch.device("cuda", world.local_rank)
+    if world.distributed:
+        reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
     from numclip_cli.backbone import load_backbone
 
     name = model or DEFAULT_MODEL
     tag = pretrained or default_pretrained(name)
     if tag == "none":
         reporter.warn(f"--pretrained none: training {name} from random initialisation")
-    trainer = Trainer(load_backbone(name, tag, device=dev), spec, config, dev)
+    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -108,9 +130,17 @@ def train(
         result = trainer.fit(train_set, val_set, out, on_step=on_step, on_epoch=on_epoch)
     summary = {"best_epoch": result.best_epoch, "val": result.best, "baseline_median_mae": result.baseline_mae,
                "checkpoint": str(out), "last": str(last_path(out)), "n_train": len(train_set), "n_val": len(val_set)}
+    if not world.is_main:
+        return
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _task_beside(data: Path) -> str:

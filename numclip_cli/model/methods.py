@@ -3,14 +3,16 @@
 - ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,
   CE + the cross-modal ordinal pairwise loss. Trained single-stage: prompts, RankFormer and (when tuned) the
-  image tower together, not the paper's two stages (prompts on cached features, then the image tower); one
-  stage halves the passes over the data and lets a randomly initialised image tower learn from the start.
+  image tower together, not the paper's two stages (prompts on cached image features, then the image tower):
+  one schedule, one set of epochs, and a randomly initialised image tower learns from the first step.
 - ``ordinalclip``: OrdinalCLIP (Li, Huang et al., NeurIPS 2022) — rank embeddings interpolated from 3 learnable
-  base embeddings, CE + KL text→image. The shared context is initialised from the task prompt's words (not
-  10 random tokens), so step 0 reads like the task's own sentence.
+  base embeddings, CE + KL text→image. The shared context is the task prompt's own words (learnable), not 10
+  random tokens, and each base embedding starts as the words of the rank it sits at, so step 0 reads like the
+  task's sentence.
 - ``coop``: CoOp (Zhou et al., IJCV 2022) — learnable shared context before the fixed bin names, CE over bins.
 - ``zeroshot``: hand-written prompts per bin, nothing trained.
-- ``linear-probe``: a linear classifier over ranks on frozen image features (the trainer caches them once).
+- ``linear-probe``: a linear classifier over ranks on standardised frozen image features (the trainer computes
+  them once per run, not once per epoch).
 
 Every method maps images to ``Output``: logits over its classes (bins or ranks), a fine value in the task unit,
 and for rank methods the argmax readout too; ``bin_logits`` turns the logits into logits over the task's bins.

@@ -1,0 +1,198 @@
+"""Checkpoints and weights never execute code: no unpickling anywhere in the package, hostile pickles refused.
+
+The hostile file is a pickle whose unpickling opens (creates) a marker file; it is passed as ``--checkpoint`` and
+as ``--pretrained`` in both torch's zip format and as a raw pickle. The marker must never appear, the run exits 1
+with one line saying why, and tensors that do not fit the backbone are reported by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import numclip_cli
+
+PACKAGE = Path(numclip_cli.__file__).parent
+# Modules whose loaders run arbitrary code from the bytes they read.
+UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
+# open_clip entry points that read weight files: each must be asked for weights_only=True.
+OPEN_CLIP_LOADERS = {"create_model", "create_model_and_transforms", "create_model_from_pretrained",
+                     "load_checkpoint", "load_state_dict"}
+
+
+class Payload:
+    """Unpickling this object opens (creates) ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def dotted(node: ast.AST) -> str:
+    """``a.b.c`` for a Name/Attribute chain, else ''."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = dotted(node.value)
+        return f"{base}.{node.attr}" if base else ""
+    return ""
+
+
+def keyword_is(call: ast.Call, name: str, value: object) -> bool:
+    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+
+
+def unsafe_loads(source: str, filename: str) -> Iterator[str]:
+    """Every place in ``source`` that could unpickle: imports of unpicklers, torch/jit/numpy/open_clip loads."""
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for module in modules:
+                if module.split(".")[0] in UNPICKLERS:
+                    yield f"{where}: imports {module}"
+        if not isinstance(node, ast.Call):
+            continue
+        name = dotted(node.func)
+        if name.endswith("jit.load"):
+            yield f"{where}: {name}() runs TorchScript"
+        elif name in ("torch.load", "load") or name.endswith("serialization.load"):
+            if not keyword_is(node, "weights_only", True):
+                yield f"{where}: {name}() without weights_only=True"
+        elif name.split(".")[-1] in OPEN_CLIP_LOADERS and name.startswith("open_clip"):
+            if not keyword_is(node, "weights_only", True):
+                yield f"{where}: {name}() without weights_only=True"
+        elif name in ("np.load", "numpy.load") and keyword_is(node, "allow_pickle", True):
+            yield f"{where}: {name}(allow_pickle=True)"
+
+
+def test_the_package_never_unpickles() -> None:
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20  # the whole package is scanned, not an empty folder
+    problems = [p for f in files for p in unsafe_loads(f.read_text("utf-8"), str(f.relative_to(PACKAGE)))]
+    assert problems == []
+    # open_clip is the one door to weight files, and it is asked for weights_only
+    assert "weights_only=True" in (PACKAGE / "backbone.py").read_text("utf-8")
+
+
+@pytest.mark.parametrize("snippet, found", [
+    ("import pickle", "imports pickle"),
+    ("from dill import loads", "imports dill"),
+    ("torch.load(f)", "without weights_only=True"),
+    ("torch.load(f, weights_only=False)", "without weights_only=True"),
+    ("torch.jit.load(f)", "runs TorchScript"),
+    ("open_clip.create_model_and_transforms('ViT-B-16', pretrained=p)", "without weights_only=True"),
+    ("np.load(f, allow_pickle=True)", "allow_pickle=True"),
+])
+def test_the_scan_finds_unsafe_loads(snippet: str, found: str) -> None:
+    problems = list(unsafe_loads(snippet, "x.py"))
+    assert len(problems) == 1 and found in problems[0]
+    assert list(unsafe_loads("torch.load(f, map_location='cpu', weights_only=True)", "x.py")) == []
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "pwned"
+
+
+@pytest.fixture
+def hostile_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    """The same payload as a torch zip (``.pt``), a raw pickle (``.bin``) and a raw pickle named ``.safetensors``."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    data = pickle.dumps({"state_dict": {"visual.proj": Payload(marker)}})
+    pickle.loads(data)["state_dict"]["visual.proj"].close()  # the payload works: unpickling creates the marker
+    assert marker.exists()
+    marker.unlink()
+    files = {"torch.pt": folder / "weights.pt", "raw.bin": folder / "weights.bin",
+             "raw.safetensors": folder / "weights.safetensors"}
+    torch.save({"state_dict": {"visual.proj": Payload(marker)}}, files["torch.pt"])
+    files["raw.bin"].write_bytes(data)
+    files["raw.safetensors"].write_bytes(data)
+    assert not marker.exists()
+    return files
+
+
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind", ["torch.pt", "raw.bin", "raw.safetensors"])
+@pytest.mark.parametrize("option", ["--checkpoint", "--pretrained"])
+def test_hostile_pickle_never_runs(option: str, kind: str, hostile_files, marker: Path, synthetic_images,
+                                   run_cli) -> None:
+    path = hostile_files[kind]
+    args = ["--checkpoint", path] if option == "--checkpoint" else ["--model", "numclip-tiny", "--pretrained", path,
+                                                                      "--task", "age"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli(["predict", synthetic_images[0], *args])
+    assert not marker.exists(), "unpickling ran the payload"
+    assert not [w for w in caught if "torch" in w.filename], "torch's warnings reach the user's stderr"
+    assert result.exit_code == 1, result.stderr
+    assert result.stdout == ""
+    error = one_error_line(result.stderr)
+    assert str(path) in error
+    if option == "--checkpoint":
+        assert "not a readable safetensors checkpoint" in error
+    elif kind != "raw.safetensors":  # a .safetensors name is read by safetensors, which just finds no header
+        assert "refusing to load" in error and "unpickling" in error
+
+
+def test_open_clips_fallback_load_stays_weights_only(monkeypatch, hostile_files, marker: Path, synthetic_images,
+                                                     run_cli) -> None:
+    """open_clip retries a torch.load that raised TypeError without ``weights_only``; with
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 that retry would unpickle, so numclip forces weights-only loads."""
+    real_load = torch.load
+    calls: list[dict] = []
+
+    def first_call_raises_type_error(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:  # what a file crafted to trip the weights-only unpickler would cause
+            raise TypeError("crafted")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", first_call_raises_type_error)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    result = run_cli(["predict", synthetic_images[0], "--model", "numclip-tiny", "--pretrained",
+                      hostile_files["torch.pt"], "--task", "age"])
+    assert len(calls) == 2 and "weights_only" not in calls[1]  # the fallback ran, without the argument
+    assert not marker.exists(), "the fallback load ran the payload"
+    assert result.exit_code == 1 and "refusing to load" in one_error_line(result.stderr)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_backbone) -> dict[str, torch.Tensor]:
+    return {key: value.contiguous() for key, value in tiny_backbone.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("change, words", [
+    ("shape", ["'visual.proj'", "[3, 3]", "[128, 64]"]),
+    ("missing", ["missing", '"visual.proj"']),
+])
+def test_weights_that_do_not_fit_are_named(change: str, words: list[str], tiny_weights, tmp_path: Path,
+                                           synthetic_images, run_cli) -> None:
+    weights = dict(tiny_weights)
+    if change == "shape":
+        weights["visual.proj"] = torch.zeros(3, 3)
+    else:
+        del weights["visual.proj"]
+    path = tmp_path / "weights.safetensors"
+    save_file(weights, str(path))
+    result = run_cli(["predict", synthetic_images[0], "--model", "numclip-tiny", "--pretrained", path, "--task", "age"])
+    assert result.exit_code == 1, result.stderr
+    error = one_error_line(result.stderr)
+    for word in [str(path), *words]:
+        assert word in error, (word, error)

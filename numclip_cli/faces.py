@@ -9,26 +9,28 @@ with scikit-image (single thread, on a shared 2-core machine under load, so abso
 faces of ``data.lfw_subset()`` scaled to 48–128 px and pasted at random places onto 18 face-free ``skimage.data``
 photos (coffee, chelsea the cat, rocket, coins, moon, …) fitted to 640 px, and those 18 photos alone.
 
-=========================================  ========  ===========  ===============  ==========================
-detector (package)                         found     stray boxes  false positives  ms per 512–640 px image
-=========================================  ========  ===========  ===============  ==========================
-Haar frontalface_alt2, 1.1 / 5 (opencv)    96/100    0            0 / 18 images    125–190
-Haar frontalface_alt2, 1.2 / 5 (opencv)    95/100    0            0                105–155
-Haar frontalface_alt, 1.1 / 5 (opencv)     95/100    0            0                150–240
-Haar frontalface_default, 1.1 / 5          92/100    37           7                220–340
-LBP frontalface (scikit-image's cascade)   94/100¹   –            5                640
-MTCNN (facenet-pytorch 2.6)                100/100¹  –            0                190 (2100 at 2048 px)
-=========================================  ========  ===========  ===============  ==========================
+=========================================  ========  ===========  ===============  =======================
+detector (package)                         found     stray boxes  false positives  ms per 512-640 px image
+=========================================  ========  ===========  ===============  =======================
+Haar frontalface_alt2, 1.1 / 5 (opencv)    96/100    0            0 in 18 photos   125-190
+Haar frontalface_alt2, 1.2 / 5 (opencv)    95/100    0            0                105-155
+Haar frontalface_alt, 1.1 / 5 (opencv)     95/100    0            0                150-240
+Haar frontalface_default, 1.1 / 5          92/100    37           7                220-340
+LBP frontalface (scikit-image's cascade)   93/100    36           6                750
+MTCNN (facenet-pytorch 2.6)                99/100    0            0                115-185 (2100 at 2048 px)
+=========================================  ========  ===========  ===============  =======================
 
-¹ on the LFW faces centred on a grey canvas (an easier variant of the pasted test). Histogram equalisation
-before the cascade lowered every Haar detection rate (alt2: 86/100) and is not used. OpenCV's wheel ships no
-LBP cascade (``cv2.data`` holds Haar cascades only) and OpenCV 4.14 cannot parse scikit-image's copy, which runs
-through the slower pure-Python ``skimage.feature.Cascade``. MTCNN is the most accurate (it also finds the
-cameraman of ``data.camera()``, which no cascade does) and its three state dicts load with
-``torch.load(weights_only=True)``, but facenet-pytorch 2.6 pins torch<2.3, torchvision<0.18, numpy<2 and
-Pillow<10.3 (installing it would replace numclip's torch) and imports ``requests`` at import time.
+Histogram equalisation before the cascade lowered every Haar detection rate (alt2: 86/100) and is not used.
+OpenCV's wheel ships no LBP cascade (``cv2.data`` holds Haar cascades only) and OpenCV 4.14 cannot parse
+scikit-image's copy, so it ran through the slower ``skimage.feature.Cascade``; it also boxed a second "face" on
+the astronaut's suit. MTCNN is as accurate as the best cascade or better (it also finds the cameraman of
+``data.camera()``, which no cascade does) and its three state dicts load with ``torch.load(weights_only=True)``,
+but facenet-pytorch 2.6 pins torch<2.3, torchvision<0.18, numpy<2 and Pillow<10.3 (installing it would replace
+numclip's torch) and imports ``requests`` at import time.
+
 Chosen: OpenCV's Haar ``frontalface_alt2`` cascade with scaleFactor 1.1 and minNeighbors 5 -- the best rate with
-no false positive, and OpenCV 4.x is one small wheel. OpenCV 5 dropped ``CascadeClassifier``, hence
+no false positive (scaleFactor 1.2 is ~20 % faster for one face fewer), and OpenCV 4.x is one wheel that needs
+nothing but numpy. OpenCV 5 dropped ``CascadeClassifier``, hence
 ``opencv-python-headless<5``. Frontal faces only: a profile or a strongly turned head is "no face".
 
 Detection runs on a grey copy whose longer side is at most ``DETECT_MAX_SIDE`` pixels, so its cost is bounded

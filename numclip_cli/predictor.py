@@ -61,14 +61,13 @@ def collate(items: list[tuple[int, torch.Tensor | None, str, list[dict[str, Any]
                  fields={i: fields for i, tensor, _, fields in items if tensor is not None})
 
 
-def leave_stop_signals_to_parent(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a decode worker ignores Ctrl-C and SIGTERM sent to the process group.
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a decode worker ignores the Ctrl-C a terminal sends to the process group.
 
-    The main process stops the run (keeping every finished record) and then shuts its workers down; a worker that
-    died of the same signal first would make the DataLoader raise in the main process, possibly mid-commit.
+    The main process stops the run at a safe point and then shuts its workers down; a worker that quit first
+    could break the hand-over of a batch. SIGTERM stays torch's: the main process ends stuck workers with it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def worker_died(exc: BaseException) -> bool:
@@ -82,7 +81,7 @@ def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers:
     """Decoded batches in input order; workers decode ahead while the model computes."""
     loader = DataLoader(ImageFiles(paths, transform, crops), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                        persistent_workers=False, worker_init_fn=leave_stop_signals_to_parent)
+                        persistent_workers=False, worker_init_fn=ignore_ctrl_c)
     yield from loader
 
 

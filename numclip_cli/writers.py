@@ -15,7 +15,7 @@ from numclip_cli.errors import NumclipError
 
 FORMATS = ("table", "jsonl", "csv")
 _CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "expected_bin",
-              "interval_low", "interval_high", "bin_set", "coverage"]
+              "interval_low", "interval_high", "bin_set", "coverage", "face_index", "face_box"]
 
 
 class JsonlWriter:
@@ -56,6 +56,9 @@ class CsvWriter(JsonlWriter):
             row["interval_low"], row["interval_high"] = record["interval"]
         if "bin_set" in record:
             row["bin_set"] = "|".join(record["bin_set"])
+        if record.get("face"):
+            row["face_index"] = record["face"]["index"]
+            row["face_box"] = " ".join(str(v) for v in record["face"]["box"])
         self.writer.writerow(row)
 
 
@@ -86,7 +89,10 @@ class TableWriter(JsonlWriter):
         """Render the table."""
         from rich.console import Console
 
-        Console(file=self.stream, soft_wrap=False).print(self.table)
+        console = Console(file=self.stream, soft_wrap=False)
+        if not console.is_terminal:
+            console.width = 1000  # a file or pipe has no width: never wrap paths mid-name, the table stays natural
+        console.print(self.table)
         self.flush()
 
 

@@ -7,6 +7,7 @@ Ctrl-C does (the DataLoader's decode workers get the signal too).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -108,6 +109,7 @@ def test_a_dead_decode_worker_keeps_complete_records(many_images, tmp_path: Path
 
     monkeypatch.setattr(ImageFiles, "__getitem__", dies_at_100)
     result = run_cli(["predict", folder, *MODEL, "--batch-size", "8", "--workers", "2", "--output", out])
+    assert multiprocessing.active_children() == []  # the other worker was shut down, not left for exit time
     assert result.exit_code == 1, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("numclip: error:")]

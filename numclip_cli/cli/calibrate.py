@@ -64,7 +64,15 @@ def calibrate(
     if ckpt.calibration:
         reporter.info("the checkpoint is already calibrated: refitting from its uncalibrated outputs")
     reporter.info(f"running the model on {len(samples)} calibration image(s)")
-    held = calibration.collect(Predictor(model, dev), samples, backbone.preprocess, batch_size, workers)
+    from numclip_cli.faces import ONE_VIEW_MODES, face_transform, resolve_mode
+
+    # calibrate on the same kind of crop the checkpoint was trained and predicts on
+    face_mode, face_warning = resolve_mode(None, ckpt.task.faces, ONE_VIEW_MODES)
+    if face_warning:
+        reporter.warn(face_warning)
+    margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
+    transform = face_transform(face_mode, margin, backbone.preprocess)
+    held = calibration.collect(Predictor(model, dev), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))
     for message in result.warnings:

@@ -113,8 +113,7 @@ def predict(
     counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
                            reporter, fast, face_crops(face_mode, face_margin))
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
-        raise NumclipError(f"a decoding worker process died ({' '.join(str(stopped).split())}); "
-                           f"--workers 0 decodes in the main process")
+        raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
         raise typer.Exit(EXIT_SIGINT if isinstance(stopped, KeyboardInterrupt) else EXIT_SIGTERM)
     ok, failed = counts
@@ -173,12 +172,16 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
                     writer.flush()
                     if stop.signum is not None:  # a batch boundary: every prediction made so far is written
                         break
-        except (KeyboardInterrupt, Terminated, RuntimeError) as exc:  # a second signal, or a decode worker died
-            if isinstance(exc, RuntimeError) and not worker_died(exc):
+        except (KeyboardInterrupt, Terminated) as exc:  # a second signal
+            # new exception objects, not the caught ones: their tracebacks' frames hold the DataLoader, whose
+            # decode workers must shut down now (before the commit), not at exit
+            stopped = type(exc)()
+        except Exception as exc:
+            # a decode worker died: killed on its own (out of memory?), or by the stop signal sent to the group
+            if stop.signum is None and not worker_died(exc):
                 raise
-            # Without its traceback (whose frames hold the DataLoader) the decode workers shut down now.
-            stopped = exc.with_traceback(None)
-        stopped = stopped or stop.exception()
+            stopped = RuntimeError(" ".join(str(exc).split()))
+        stopped = stop.exception() or stopped
         if stopped is not None:  # keep the complete records: the sink is committed below
             reporter.warn(f"stopped after {ok + failed} of {len(paths)} input(s); "
                           f"rerun with --skip-existing to continue" if output else "stopped")

@@ -145,8 +145,10 @@ def _has_cuda() -> bool:
 
 def _task_beside(data: Path) -> str:
     """A dataset folder made by ``numclip synth`` carries its task.toml; anything else needs --task."""
-    from numclip_cli.errors import UsageError
+    from numclip_cli.errors import DataError, UsageError
 
+    if not data.exists():
+        raise DataError(f"dataset not found: {data}")
     spec = data / "task.toml"
     if data.is_dir() and spec.is_file():
         return str(spec)

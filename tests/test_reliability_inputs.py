@@ -14,19 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from test_cli_predict import MODEL, assert_ok_record, jsonl
+from test_reliability_security import one_error_line
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 ODD_NAMES = ["with space.png", "ünïcödé 图片.png", "-x.png", "--looks-like-an-option.png", "tab\there.png"]
-
-
-def one_error_line(stderr: str) -> str:
-    """The single ``numclip: error:`` line of a failed run (and no traceback, no unexpected exception)."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
-    assert len(errors) == 1, stderr
-    assert "unexpected" not in errors[0], errors[0]
-    return errors[0]
 
 
 def records_by_name(stdout: str) -> dict[str, dict]:

@@ -17,18 +17,12 @@ import pytest
 import torch
 from conftest import TINY
 from test_cli_predict import MODEL, assert_same_predictions, jsonl
+from test_reliability_security import one_error_line
 
 from numclip_cli.model.methods import OrdinalModel
 from numclip_cli.writers import JsonlWriter
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -123,9 +123,11 @@ def hostile_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
 
 
 def one_error_line(stderr: str) -> str:
+    """The single ``numclip: error:`` line of a failed run (no traceback, no "unexpected" exception)."""
     assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
     assert len(errors) == 1, stderr
+    assert not errors[0].startswith("numclip: error: unexpected"), errors[0]  # a bug's catch-all message
     return errors[0]
 
 
@@ -196,3 +198,21 @@ def test_weights_that_do_not_fit_are_named(change: str, words: list[str], tiny_w
     error = one_error_line(result.stderr)
     for word in [str(path), *words]:
         assert word in error, (word, error)
+
+
+def test_a_checkpoint_tensor_of_the_wrong_dtype_is_named(tiny_backbone, tmp_path: Path, synthetic_images,
+                                                         run_cli) -> None:
+    from numclip_cli.checkpoint import Checkpoint, model_tensors, write_checkpoint
+    from numclip_cli.model.methods import create_model
+    from numclip_cli.tasks import get_task
+
+    model = create_model("numclip", tiny_backbone, get_task("age"))
+    tensors = model_tensors(model, tiny_backbone, tuned_image=False)
+    tensors["adapter.fc.0.weight"] = tensors["adapter.fc.0.weight"].to(torch.int32)
+    path = tmp_path / "int.safetensors"
+    write_checkpoint(path, Checkpoint(tensors=tensors, task=model.task, method="numclip",
+                                      backbone=tiny_backbone.describe()))
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", path])
+    assert result.exit_code == 1, result.stderr
+    error = one_error_line(result.stderr)
+    assert "'adapter.fc.0.weight'" in error and "torch.int32" in error and str(path) in error

@@ -66,8 +66,9 @@ def predict(
         "--faces", help="largest: predict on the largest face; all: one record per face; none: the whole image "
                         "(default: the task's, largest for age; needs numclip\\[face]). No face found: the whole "
                         "image, with \"face\": null.", show_default=False)] = None,
-    face_margin: Annotated[float, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
+    face_margin: Annotated[float | None, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default: the "
+                                       "checkpoint's training margin, else 0.4).")] = None,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -111,7 +112,7 @@ def predict(
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
     counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
-                           reporter, fast, face_crops(face_mode, face_margin))
+                           reporter, fast, face_crops(face_mode, _margin(face_margin, session)))
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
         raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
@@ -123,6 +124,16 @@ def predict(
     if failed:
         reporter.warn(f"{failed} of {ok + failed} input(s) could not be used (see their error records)")
     raise typer.Exit(EXIT_FAILED if ok == 0 else EXIT_PARTIAL if failed else EXIT_OK)
+
+
+def _margin(requested: float | None, session) -> float:
+    """An explicit --face-margin, else the margin the checkpoint was trained with, else the default."""
+    from numclip_cli.faces import DEFAULT_MARGIN
+
+    if requested is not None:
+        return requested
+    trained = session.checkpoint.train.get("config", {}) if session.checkpoint else {}
+    return float(trained.get("face_margin", DEFAULT_MARGIN))
 
 
 def _default_format(output: Path | None) -> str:

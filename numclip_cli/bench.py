@@ -14,12 +14,14 @@ The accuracy suite is ``numclip_cli.comparison``; this module only builds the re
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +54,7 @@ ACCURACY_UNITS = {"mae": "task unit", "mae_max": "task unit", "accuracy": "fract
                   "qwk": "kappa", "seconds": "s"}
 
 Progress = Callable[[str], None]
+Timed = tuple[Callable[[Sequence[str]], Any], Sequence[str], Sequence[str] | None]  # run, its paths, warm-up paths
 
 
 @dataclass
@@ -138,14 +141,20 @@ def peak_rss_mb() -> float:
 
 def current_rss_mb() -> float:
     """Resident memory of this process now (Linux ``/proc``), else its peak so far, in MB."""
+    rss = _proc_status_mb("self", "VmRSS")
+    return peak_rss_mb() if rss is None else rss
+
+
+def _proc_status_mb(pid: int | str, field: str) -> float | None:
+    """A memory field of ``/proc/PID/status`` (VmRSS, VmHWM) in MB; None without one (not Linux, process gone)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -197,8 +206,6 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
         run.batch_one(paths[: config.latency_images])
         if config.stream:
             run.stream(paths, Path(folder))
-        if config.fast and device.type == "cpu":
-            run.fast(paths[: config.images])  # last: it quantises the shared image tower in place
         run.cold_start(paths[0])
         run.memory()
     return run.figures
@@ -211,7 +218,6 @@ class _SpeedRun:
         self.config, self.device, self.session, self.say = config, device, session, say
         self.preprocess = session.backbone.preprocess
         self.figures: list[Figure] = []
-        self.predict_bins: list[int] = []  # fp32 bins of the throughput images, for --fast agreement
         self.raw_rate = 0.0  # (a), the reference of every speed ratio
 
     def add(self, key: str, label: str, value: float, unit: str, batch_size: int | None = None,
@@ -224,16 +230,23 @@ class _SpeedRun:
     def timed(self, run: Callable[[Sequence[str]], Any], paths: Sequence[str],
               warm: Sequence[str] | None) -> tuple[float, Any]:
         """Median seconds of ``run(paths)`` over the repeats after a warm-up ``run(warm)``, and its last result."""
-        if warm is not None:
-            run(warm)
-        times, result = [], None
+        return self.interleaved({"run": (run, paths, warm)})["run"]
+
+    def interleaved(self, runs: dict[str, Timed]) -> dict[str, tuple[float, Any]]:
+        """``timed`` for several runs, interleaved: each repeat runs them all in turn, so load changes hit all alike."""
+        for run, _, warm in runs.values():
+            if warm is not None:
+                run(warm)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        results: dict[str, Any] = {}
         for _ in range(self.config.repeats):
-            self._sync()
-            start = time.perf_counter()
-            result = run(paths)
-            self._sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), result
+            for name, (run, paths, _) in runs.items():
+                self._sync()
+                start = time.perf_counter()
+                results[name] = run(paths)
+                self._sync()
+                times[name].append(time.perf_counter() - start)
+        return {name: (statistics.median(times[name]), results[name]) for name in runs}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -244,21 +257,33 @@ class _SpeedRun:
         return lambda paths: [r["bin_index"] for r in predictor.records(paths, self.preprocess, batch_size)]
 
     def throughput(self, paths: Sequence[str]) -> None:
-        """(d) decode, (a) raw open_clip and (b) predict at the configured batch size, on the same images."""
+        """(a) raw open_clip, (b) predict, ``predict --fast`` (CPU) and (d) decoding, on the same images."""
         batch, n, warm = self.config.batch_size, len(paths), paths[: self.config.batch_size]
-        self.say(f"decode only ({n} images)")
-        seconds, _ = self.timed(self._decode, paths, warm[:1])
-        self.add("decode", "decode + preprocess (load_rgb, 1 process)", n / seconds, "images/s", None, n)
-        self.say(f"raw open_clip encode_image (batch {batch})")
-        seconds, _ = self.timed(self._raw_open_clip, paths, warm)
+        runs: dict[str, Timed] = {
+            "raw": (self._raw_open_clip, paths, warm),
+            "predict": (self.predict_run(Predictor(self.session.model, self.device), batch), paths, warm),
+            "decode": (self._decode, paths, warm[:1]),
+        }
+        fast = self.config.fast and self.device.type == "cpu"
+        if fast:  # on a copy: quantisation replaces the image tower's layers in place
+            fast_predictor = Predictor(copy.deepcopy(self.session.model), self.device, fast=True)
+            runs["fast"] = (self.predict_run(fast_predictor, batch), paths, warm)
+        self.say(f"raw open_clip vs numclip predict{' vs --fast' if fast else ''} vs decoding alone "
+                 f"({n} images, batch {batch}, x{self.config.repeats} interleaved)")
+        times = self.interleaved(runs)
+        self.add("decode", "decode + preprocess (load_rgb, 1 process)", n / times["decode"][0], "images/s", None, n)
         self.raw_rate = self.add("raw_open_clip", "(a) raw open_clip: PIL + preprocess + encode_image",
-                                 n / seconds, "images/s", batch, n)
-        self.say(f"numclip predict (batch {batch})")
-        predictor = Predictor(self.session.model, self.device)
-        seconds, self.predict_bins = self.timed(self.predict_run(predictor, batch), paths, warm)
-        rate = self.add("predict", "(b) numclip predict, end to end", n / seconds, "images/s", batch, n)
+                                 n / times["raw"][0], "images/s", batch, n)
+        rate = self.add("predict", "(b) numclip predict, end to end", n / times["predict"][0], "images/s", batch, n)
         self.add("ratio_predict_raw", "(b)/(a) predict vs raw open_clip", rate / self.raw_rate, "x", batch, n,
                  ">= 0.9")
+        if fast:
+            rate = self.add("predict_fast", "predict --fast (int8 dynamic quantisation)", n / times["fast"][0],
+                            "images/s", batch, n)
+            self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n, ">= 1.3")
+            agree = sum(a == b for a, b in zip(times["fast"][1], times["predict"][1], strict=True)) / n
+            self.add("fast_agreement", "--fast same-bin agreement with fp32 predict", 100 * agree, "%", batch, n,
+                     ">= 99")
 
     def _decode(self, paths: Sequence[str]) -> None:
         for path in paths:
@@ -287,10 +312,12 @@ class _SpeedRun:
         seconds, _ = self.timed(lambda _: self._text_features(model), [], None)
         self.add(f"text_tower_{key}", f"text tower alone, {what}", 1000 * seconds, "ms")
         n = len(paths)
-        cached, _ = self.timed(self.predict_run(Predictor(model, self.device), 1), paths, paths[:1])
+        times = self.interleaved({
+            "cached": (self.predict_run(Predictor(model, self.device), 1), paths, paths[:1]),
+            "fresh": (self.predict_run(ReferencePredictor(model, self.device), 1), paths, paths[:1])})
+        cached, fresh = times["cached"][0], times["fresh"][0]
         self.add(f"predict_b1_{key}", f"(b) predict, cached text features, {what}", 1000 * cached / n, "ms/image",
                  1, n)
-        fresh, _ = self.timed(self.predict_run(ReferencePredictor(model, self.device), 1), paths, paths[:1])
         self.add(f"reference_b1_{key}", f"(c) reference: text features recomputed per batch, {what}",
                  1000 * fresh / n, "ms/image", 1, n)
         self.add(f"ratio_reference_{key}", f"(b)/(c) speed-up over the reference, {what}", fresh / cached, "x", 1, n,
@@ -320,19 +347,6 @@ class _SpeedRun:
         seconds, _ = self.timed(lambda _: detect(texture), [], [])
         self.add("face_detect", f"face detection alone, {DETECT_MAX_SIDE}-px image (larger photos are scaled to it)",
                  1000 * seconds, "ms/image", 1, 1)
-
-    def fast(self, paths: Sequence[str]) -> None:
-        """``predict --fast`` on CPU: speed against raw open_clip and same-bin agreement with fp32 predict."""
-        batch, n = self.config.batch_size, len(paths)
-        self.say(f"numclip predict --fast (batch {batch})")
-        predictor = Predictor(self.session.model, self.device, fast=True)
-        seconds, bins = self.timed(self.predict_run(predictor, batch), paths, paths[:batch])
-        rate = self.add("predict_fast", "predict --fast (int8 dynamic quantisation)", n / seconds, "images/s",
-                        batch, n)
-        self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n, ">= 1.3")
-        agree = sum(a == b for a, b in zip(bins, self.predict_bins, strict=True)) / n
-        self.add("fast_agreement", "--fast same-bin agreement with fp32 predict", 100 * agree, "%", batch, n,
-                 ">= 99")
 
     def stream(self, pool: Sequence[str], folder: Path) -> None:
         """RSS growth while ``config.stream`` inputs (hard links to the bench images) stream through predict."""
@@ -375,7 +389,9 @@ class _SpeedRun:
         runs = [_first_line(predict) for _ in range(self.config.cold_repeats)]
         self.add("cold_start", "cold start: process start to first predict result", statistics.median(
             seconds for seconds, _ in runs), "s", 1, 1)
-        self.add("cold_start_peak_rss", "peak RSS of that predict process", max(rss for _, rss in runs), "MB", 1, 1)
+        peak = max(rss for _, rss in runs)
+        if peak:
+            self.add("cold_start_peak_rss", "peak RSS of that predict process", peak, "MB", 1, 1)
         self.say("numclip --help")
         help_seconds = statistics.median(_first_line([*command, "--help"])[0] for _ in range(_HELP_REPEATS))
         self.add("help", "numclip --help", help_seconds, "s", None, None, "< 0.5")
@@ -400,17 +416,29 @@ def _numclip_command() -> list[str]:
 
 
 def _first_line(command: list[str]) -> tuple[float, float]:
-    """Seconds from starting ``command`` to its first line on stdout, and the process's peak RSS in MB."""
+    """Seconds from starting ``command`` to its first line on stdout, and its peak RSS in MB (0 where unknown)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL)
+    # The peak is read from /proc while the process lives: the rusage from wait4 would count the RSS of this
+    # (large) process, which it was forked from, as its own.
+    peak, done = [0.0], threading.Event()
+    watcher = threading.Thread(target=_watch_peak_rss, args=(process.pid, peak, done), daemon=True)
+    watcher.start()
     first = process.stdout.readline()
     seconds = time.perf_counter() - start
     process.stdout.read()
+    done.set()
+    watcher.join()
     process.stdout.close()
-    # wait4 rather than wait: it also returns the child's own rusage (its peak RSS)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0 or not first:
+    if process.wait() != 0 or not first:
         raise NumclipError(f"cold-start run failed (exit {process.returncode}): {' '.join(command)}")
-    return seconds, usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    return seconds, peak[0]
+
+
+def _watch_peak_rss(pid: int, peak: list[float], done: threading.Event) -> None:
+    """Keep ``peak[0]`` at the process's high-water RSS until ``done`` is set."""
+    while True:
+        peak[0] = max(peak[0], _proc_status_mb(pid, "VmHWM") or 0.0)
+        if done.wait(0.02):
+            return

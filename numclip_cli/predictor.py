@@ -82,7 +82,15 @@ def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers:
     loader = DataLoader(ImageFiles(paths, transform, crops), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                         persistent_workers=False, worker_init_fn=ignore_ctrl_c)
-    yield from loader
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        # stop the workers and unregister them now, not whenever the iterator is collected: torch's SIGCHLD
+        # handler would otherwise raise about a dead worker at a random later point (e.g. during exit)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 # Starting workers (0.1-0.3 s measured: each forks the process holding the model) costs more than decoding this

@@ -72,7 +72,10 @@ def ignore_ctrl_c(worker_id: int) -> None:
 
 def worker_died(exc: BaseException) -> bool:
     """Whether ``exc`` is the DataLoader's report that a decode worker process died (killed, crashed)."""
-    # torch has no exception type for it: a RuntimeError with this message, from its iterator or SIGCHLD handler
+    # torch has no exception type for it: a RuntimeError with this message, from its iterator or SIGCHLD handler;
+    # a worker killed while handing a batch over breaks the shared-memory connection instead
+    if isinstance(exc, ConnectionResetError | EOFError):
+        return True
     return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker (pid")
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from numclip_cli.cli.common import (
+    BatchSizeOpt,
     CheckpointOpt,
     DeviceOpt,
     OfflineOpt,
@@ -33,7 +34,7 @@ def bench(
                              "same speed.")] = "none",
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
+    batch_size: BatchSizeOpt = 32,
     images: Annotated[int | None, typer.Option(
         "--images", min=1, help="Images per throughput measurement (default 64; 16 with --quick).",
         show_default=False)] = None,

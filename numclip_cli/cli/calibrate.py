@@ -9,11 +9,13 @@ from typing import Annotated, Any
 import typer
 
 from numclip_cli.cli.common import (
+    BatchSizeOpt,
     DeviceOpt,
     OfflineOpt,
     QuietOpt,
     Reporter,
     VerboseOpt,
+    WorkersOpt,
     announce_device,
     handle_errors,
     prepare,
@@ -38,9 +40,8 @@ def calibrate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the measured numbers as JSON.")] = None,
     ece_bins: Annotated[int, typer.Option("--ece-bins", min=2, help="Equal-width confidence bins for ECE and "
                                           "the reliability diagram.")] = 15,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option(
-        "--workers", min=0, help="Decoding processes (default: 0 for a few images, else up to 4).")] = None,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,

@@ -33,6 +33,10 @@ PretrainedOpt = Annotated[str | None, typer.Option(
     "--pretrained", help="open_clip pretrained tag (openai, ...), a local weights file, or 'none' (random init).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA if present).")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (sets HF_HUB_OFFLINE=1).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on a "
+                             "larger CPU, up to 4 feeding a GPU).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More on stderr, tracebacks included.")]
 

@@ -14,6 +14,7 @@ from numclip_cli.cli.common import (
     EXIT_PARTIAL,
     EXIT_SIGINT,
     EXIT_SIGTERM,
+    BatchSizeOpt,
     CheckpointOpt,
     DeviceOpt,
     ModelOpt,
@@ -24,6 +25,7 @@ from numclip_cli.cli.common import (
     TaskOpt,
     Terminated,
     VerboseOpt,
+    WorkersOpt,
     announce_device,
     handle_errors,
     prepare,
@@ -48,10 +50,8 @@ def predict(
         "--output", "-o", help="Write results to FILE atomically (temp file + rename) instead of stdout.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --output FILE.jsonl: skip inputs already in FILE and append.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option(
-        "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on "
-                                 "a larger CPU, up to 4 feeding a GPU).")] = None,
+    batch_size: BatchSizeOpt = 32,
+    workers: WorkersOpt = None,
     fast: Annotated[bool, typer.Option(
         "--fast", help="CPU: int8 dynamic quantisation of the image tower (see `numclip bench` for its speed-up "
                        "and same-bin agreement on your machine).")] = False,

@@ -1,7 +1,8 @@
 """``numclip bench`` core: predict's speed against the raw open_clip backbone, measured in one process and one run.
 
 The speed suite has the shape of nanoGPT's ``bench.py`` (a warm-up call, ``torch.cuda.synchronize()`` on GPU, the
-median of repeats). On the same generated images, backbone, device and batch size it measures
+median of repeats), and the repeats of the runs it compares are interleaved so that a change in the machine's load
+hits them alike. On the same generated images, backbone, device and batch size it measures
 (a) raw open_clip: PIL decode + open_clip preprocess + ``encode_image``, the physical limit;
 (b) ``numclip predict`` end to end through ``Predictor.records`` (DataLoader decoding, cached text features);
 (c) the reference implementations' inference, which run the text tower again on every batch: K bin prompts
@@ -180,15 +181,24 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def build_report(device: torch.device, config: dict[str, Any], figures: Sequence[Figure],
+@dataclass
+class SpeedResult:
+    """What the speed suite measured: the model it ran and every figure."""
+
+    model: dict[str, Any]  # backbone, weights, input size, method, task and its number of bins
+    figures: list[Figure]
+
+
+def build_report(device: torch.device, config: dict[str, Any], speed: SpeedResult | None = None,
                  accuracy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``--json`` report: schema, date, environment, options, every figure with its unit, accuracy rows."""
     return {"schema": SCHEMA, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "environment": environment(device), "config": config, "figures": [asdict(f) for f in figures],
+            "environment": environment(device), "config": config, "model": speed.model if speed else None,
+            "figures": [asdict(f) for f in speed.figures] if speed else [],
             "accuracy": accuracy, "accuracy_units": ACCURACY_UNITS if accuracy else None}
 
 
-def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Progress | None = None) -> list[Figure]:
+def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Progress | None = None) -> SpeedResult:
     """Every speed figure, measured in this process on freshly generated images."""
     say = on_progress or (lambda message: None)
     if config.checkpoint:
@@ -208,7 +218,10 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
             run.stream(paths, Path(folder))
         run.cold_start(paths[0])
         run.memory()
-    return run.figures
+    backbone = session.backbone
+    return SpeedResult({"backbone": backbone.name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
+                        "method": session.model.method, "task": session.task.name, "bins": len(session.task.bins)},
+                       run.figures)
 
 
 class _SpeedRun:
@@ -386,15 +399,15 @@ class _SpeedRun:
         predict = [*command, "predict", image, "--format", "jsonl", "--batch-size", "1", "--device",
                    str(self.device), "--quiet", "--offline", *model_args]
         self.say(f"cold start: numclip predict one image (x{self.config.cold_repeats})")
-        runs = [_first_line(predict) for _ in range(self.config.cold_repeats)]
+        runs = [_run_process(predict) for _ in range(self.config.cold_repeats)]
         self.add("cold_start", "cold start: process start to first predict result", statistics.median(
-            seconds for seconds, _ in runs), "s", 1, 1)
-        peak = max(rss for _, rss in runs)
+            first for first, _, _ in runs), "s", 1, 1)
+        peak = max(rss for _, _, rss in runs)
         if peak:
             self.add("cold_start_peak_rss", "peak RSS of that predict process", peak, "MB", 1, 1)
         self.say("numclip --help")
-        help_seconds = statistics.median(_first_line([*command, "--help"])[0] for _ in range(_HELP_REPEATS))
-        self.add("help", "numclip --help", help_seconds, "s", None, None, "< 0.5")
+        help_seconds = statistics.median(_run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
+        self.add("help", "numclip --help, start to exit", help_seconds, "s", None, None, "< 0.5")
 
     def memory(self) -> None:
         """(f) peak RSS of this bench process and, on CUDA, peak CUDA memory."""
@@ -415,8 +428,8 @@ def _numclip_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "numclip_cli"]
 
 
-def _first_line(command: list[str]) -> tuple[float, float]:
-    """Seconds from starting ``command`` to its first line on stdout, and its peak RSS in MB (0 where unknown)."""
+def _run_process(command: list[str]) -> tuple[float, float, float]:
+    """Seconds from starting ``command`` to its first stdout line and to its exit; its peak RSS in MB (0: unknown)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL)
@@ -426,14 +439,14 @@ def _first_line(command: list[str]) -> tuple[float, float]:
     watcher = threading.Thread(target=_watch_peak_rss, args=(process.pid, peak, done), daemon=True)
     watcher.start()
     first = process.stdout.readline()
-    seconds = time.perf_counter() - start
+    first_seconds = time.perf_counter() - start
     process.stdout.read()
     done.set()
     watcher.join()
     process.stdout.close()
     if process.wait() != 0 or not first:
         raise NumclipError(f"cold-start run failed (exit {process.returncode}): {' '.join(command)}")
-    return seconds, peak[0]
+    return first_seconds, time.perf_counter() - start, peak[0]
 
 
 def _watch_peak_rss(pid: int, peak: list[float], done: threading.Event) -> None:

@@ -111,7 +111,7 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     if device_type != "cpu":
         return max(1, min(4, cores))
     # on CPU the model's threads already use every core; measured on 2 cores (README, Performance): with workers
-    # numclip-tiny runs 15-25 % slower and ViT-B-16 no faster, so only a larger CPU gets one worker for pipelining
+    # numclip-tiny runs 14-23 % slower and ViT-B-16 no faster, so only a larger CPU gets one worker for pipelining
     return 1 if cores > 2 else 0
 
 

@@ -88,7 +88,7 @@ def bench(
     from numclip_cli import bench as core
 
     config: dict[str, Any] = {"suite": suite}
-    figures: list[core.Figure] = []
+    speed_result = None
     accuracy = None
     if suite in ("speed", "all"):
         speed = core.SpeedConfig.create(
@@ -99,7 +99,7 @@ def bench(
             reporter.warn(f"--pretrained none: {speed.model} is randomly initialised (speed is the same; "
                           f"the --fast agreement is measured on random features)")
         config["speed"] = vars(speed)
-        figures = core.run_speed_suite(speed, dev, say)
+        speed_result = core.run_speed_suite(speed, dev, say)
     if suite in ("accuracy", "all"):
         from numclip_cli.comparison import DEFAULT_KINDS, run_accuracy_suite
         from numclip_cli.model.methods import METHODS
@@ -114,7 +114,7 @@ def bench(
             say(f"accuracy: {row['kind']} {row['method']}: MAE {row['mae']:.3f} ({row['seconds']:.1f} s)")
 
         accuracy = run_accuracy_suite(**settings, device=dev, on_progress=row_done)
-    report = core.build_report(dev, config, figures, accuracy)
+    report = core.build_report(dev, config, speed_result, accuracy)
     _print_tables(report)
     if json_out:
         from numclip_cli.atomic import atomic_open
@@ -139,7 +139,9 @@ def _print_tables(report: dict[str, Any]) -> None:
     title = (f"numclip {env['numclip']} · torch {env['torch']} · open_clip {env['open_clip']} · "
              f"{env['device']} ({env['device_name']}, {env['cpu_count']} CPUs)")
     if report["figures"]:
-        table = Table("figure", "value", "unit", "batch", "images", "target", title=title)
+        model = report["model"]
+        table = Table("figure", "value", "unit", "batch", "images", "target",
+                      title=f"{model['backbone']} ({model['pretrained']}, {model['method']}) · {title}")
         for fig in report["figures"]:
             mark = "" if fig["met"] is None else (" ✓" if fig["met"] else " ✗")
             table.add_row(fig["label"], f"{fig['value']:.4g}", fig["unit"], _blank(fig["batch_size"]),

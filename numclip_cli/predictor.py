@@ -93,7 +93,10 @@ def batches(paths: Sequence[str], transform: Callable, batch_size: int, workers:
         # handler would otherwise raise about a dead worker at a random later point (e.g. during exit)
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()
+            # workers killed by a signal to the process group make torch's SIGCHLD handler raise here: they are
+            # gone either way, and the run's outcome was already decided by the caller
+            with contextlib.suppress(Exception):
+                shutdown()
 
 
 # Starting workers (0.1-0.3 s measured: each forks the process holding the model) costs more than decoding this

@@ -39,7 +39,7 @@ from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, trai
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
 from numclip_cli.errors import CheckpointError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
-from numclip_cli.model.methods import OrdinalModel, Output, create_model
+from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec
 
 OPTIM_PREFIX = "optim."
@@ -101,6 +101,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Image features of a batch: cached ones (frozen image tower), or the image tower run on its images."""
+    return batch["features"] if "features" in batch else model.encode_images(batch["images"])
+
+
 class GlobalBatchStep(nn.Module):
     """A training forward pass: this rank's images (or cached features) → features gathered over all ranks with
     gradients → the method's head and losses on the global batch (see numclip_cli.distributed)."""
@@ -111,7 +116,7 @@ class GlobalBatchStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses by name for the global batch."""
-        features = batch["features"] if "features" in batch else self.model.encode_images(batch["images"])
+        features = batch_features(self.model, batch)
         values, bins = gather(batch["values"], self.world), gather(batch["bins"], self.world)
         out = self.model.head(gather(features, self.world), self.model.text_features())
         return self.model.loss(out, values, bins)
@@ -210,11 +215,8 @@ class Trainer:
         self._feature_cache[key] = {**cache, "skipped": torch.tensor(skipped)}
         return self._feature_cache[key]
 
-    def _forward(self, batch: dict[str, torch.Tensor], text: torch.Tensor | None = None) -> Output:
-        """The model's output on a batch of images or of cached image features."""
-        if "features" in batch:
-            return self.model.head(batch["features"], self.model.text_features() if text is None else text)
-        return self.model(batch["images"].to(self.device, non_blocking=True), text)
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     # ------------------------------------------------------------------------------------------- training
     def train_epoch(self, samples: Samples, epoch: int,
@@ -231,7 +233,7 @@ class Trainer:
             if "values" not in batch:
                 continue
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                loss = self.step({key: value.to(self.device, non_blocking=True) for key, value in batch.items()})
+                loss = self.step(self._on_device(batch))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
             self.scaler.step(self.optimizer)
@@ -250,7 +252,7 @@ class Trainer:
         for batch in self._batches(samples, train=False, epoch=0):
             if "values" not in batch:
                 continue
-            out = self._forward(batch, text)
+            out = self.model.head(batch_features(self.model, self._on_device(batch)), text)
             values.append(out.value.float().cpu())
             probs.append(self.model.bin_logits(out.logits).float().softmax(-1).cpu())
             if out.value_max is not None:

@@ -98,6 +98,11 @@ def prepare(offline: bool, verbose: bool) -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def _stop_exception(signum: int) -> BaseException:
+    """What a stop signal raises when it is not deferred."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
 class StopRequest:
     """Which stop signal (SIGINT or SIGTERM) arrived during ``stop_at_safe_points``, if any."""
 
@@ -105,9 +110,7 @@ class StopRequest:
 
     def exception(self) -> BaseException | None:
         """What the signal raises when not deferred: KeyboardInterrupt or Terminated (None: no signal)."""
-        if self.signum is None:
-            return None
-        return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated()
+        return None if self.signum is None else _stop_exception(self.signum)
 
 
 @contextlib.contextmanager
@@ -119,7 +122,7 @@ def stop_at_safe_points(quiet: bool = False) -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: Any) -> None:
         if request.signum is not None:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+            raise _stop_exception(signum)
         request.signum = signum
         if not quiet:  # os.write: a handler may run while sys.stderr is mid-write
             os.write(2, b"numclip: stopping after the current batch (signal again to stop at once)\n")

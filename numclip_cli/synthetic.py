@@ -1,10 +1,14 @@
 """Synthetic ordinal images for tests, demos and benchmarks: the label is something you can count or measure.
 
-Each generator draws one kind of picture with Pillow and numpy and knows its task: the label range, the
-ordered bins over it, the unit and the prompt. ``dots`` counts dots, ``fill`` shows a bar filled in 10 %
-steps, ``size`` grows a square. Drawing is dark shapes on a light, noisy background, so a test can check
-that the label is really visible. Everything is seeded: image ``i`` of a dataset depends only on
-``(seed, i)``, never on how many images are written.
+Each generator paints one kind of picture and knows its task: the label range, the ordered bins over it, the
+unit and the prompt. ``dots`` counts dots, ``fill`` shows a bar filled in 10 % steps, ``size`` grows a square:
+dark shapes drawn with Pillow on a light, noisy background, so a test can check that the label is really
+visible. ``photo`` is real: crops of photographs that ship with scikit-image, labelled by the strength of added
+noise (see ``numclip_cli.photo_suite``; needs the optional ``numclip[photos]``).
+
+Everything is seeded: image ``i`` of a dataset depends only on ``(seed, split, i)``, never on how many images
+are written. The ``train`` and ``test`` splits never share an image: for ``photo`` they use different
+photographs, for the drawn kinds independent random streams of the same seed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from numclip_cli import photo_suite
 from numclip_cli.errors import UsageError
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
@@ -26,7 +31,14 @@ TASK_FILE = "task.toml"
 MIN_SIZE = 32  # below this the smallest dots are a pixel or two and neighbours can touch
 _NOISE_SIGMA = 3.0  # light sensor-like noise; far below the light/dark gap the tests threshold on
 
+SPLITS = ("train", "test")
+
 Draw = Callable[[ImageDraw.ImageDraw, int, np.random.Generator, int], None]
+Paint = Callable[[int, np.random.Generator, int, str], Image.Image]  # (label, rng, size, split) -> RGB image
+
+
+def _nothing_to_prepare() -> None:
+    """Drawn generators need nothing beyond Pillow and numpy."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,8 @@ class Generator:
     unit: str
     prompt: str  # exactly one "{}" for the bin words
     bins: tuple[tuple[str, int, int], ...]  # (words, low, high): ordered, contiguous, inclusive integer edges
-    draw: Draw  # draws the label's shapes onto the light background
+    paint: Paint  # the whole image showing a label
+    prepare: Callable[[], object] = _nothing_to_prepare  # fails early (UsageError) when a dependency is missing
 
     @property
     def low(self) -> int:
@@ -109,6 +122,24 @@ def _draw_size(canvas: ImageDraw.ImageDraw, label: int, rng: np.random.Generator
     canvas.rectangle((left, top, left + side - 1, top + side - 1), fill=colour)
 
 
+def _drawing(draw: Draw) -> Paint:
+    """A painter that calls ``draw`` on a light background with a gentle gradient, then adds light noise."""
+
+    def paint(label: int, rng: np.random.Generator, size: int, split: str) -> Image.Image:
+        # The split only changes the seed stream (see _item), not how a picture is drawn.
+        base = rng.integers(195, 246, size=3)
+        ramp = np.linspace(-1.0, 1.0, size)
+        gx, gy = rng.uniform(-8, 8, size=2)
+        shade = gx * ramp[None, :] + gy * ramp[:, None]
+        background = np.clip(base[None, None, :] + shade[:, :, None], 0, 255).astype(np.uint8)
+        image = Image.fromarray(background, "RGB")
+        draw(ImageDraw.Draw(image), label, rng, size)
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0.0, _NOISE_SIGMA, size=(size, size, 3))
+        return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+
+    return paint
+
+
 GENERATORS: dict[str, Generator] = {
     g.name: g
     for g in (
@@ -123,21 +154,29 @@ GENERATORS: dict[str, Generator] = {
                 ("seven or eight", 7, 8),
                 ("nine or ten", 9, 10),
             ),
-            draw=_draw_dots,
+            paint=_drawing(_draw_dots),
         ),
         Generator(
             name="fill",
             unit="tenths full",
             prompt="a bar that is {}.",
             bins=(("empty", 0, 1), ("low", 2, 3), ("half full", 4, 6), ("high", 7, 8), ("full", 9, 10)),
-            draw=_draw_fill,
+            paint=_drawing(_draw_fill),
         ),
         Generator(
             name="size",
             unit="size step (9 % of the image width)",
             prompt="a picture of a {} square.",
             bins=(("tiny", 1, 2), ("small", 3, 4), ("medium", 5, 6), ("large", 7, 8), ("huge", 9, 10)),
-            draw=_draw_size,
+            paint=_drawing(_draw_size),
+        ),
+        Generator(
+            name="photo",
+            unit="noise step (Gaussian noise, σ ×1.42 per step from 2 grey levels)",
+            prompt="a photo with {} noise.",
+            bins=(("almost no", 1, 2), ("slight", 3, 4), ("moderate", 5, 6), ("strong", 7, 8), ("heavy", 9, 10)),
+            paint=photo_suite.paint,
+            prepare=photo_suite.require_skimage,
         ),
     )
 }
@@ -147,7 +186,7 @@ def list_generators() -> list[str]:
     """Names of the synthetic generators.
 
     >>> list_generators()
-    ['dots', 'fill', 'size']
+    ['dots', 'fill', 'photo', 'size']
     """
     return sorted(GENERATORS)
 
@@ -169,37 +208,38 @@ def task_spec(kind: str) -> TaskSpec:
     return task_from_dict(get_generator(kind).spec_dict(), source=f"synthetic task {kind!r}")
 
 
-def render(kind: str, label: int, seed: int, size: int = 64) -> Image.Image:
+def _check_split(split: str) -> None:
+    """A usage error unless ``split`` is ``train`` or ``test``."""
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: use one of {list(SPLITS)}")
+
+
+def render(kind: str, label: int, seed: int, size: int = 64, split: str = "train") -> Image.Image:
     """One RGB ``size``×``size`` image showing ``label``; the same arguments give the same pixels."""
     gen = get_generator(kind)
     if label not in gen.labels:
         raise UsageError(f"label {label} is outside the {kind!r} range {gen.low}–{gen.high}")
     if size < MIN_SIZE:
         raise UsageError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
-    rng = np.random.default_rng(seed)
-    # A light background with a gentle random gradient, so no two backgrounds are flat copies.
-    base = rng.integers(195, 246, size=3)
-    ramp = np.linspace(-1.0, 1.0, size)
-    gx, gy = rng.uniform(-8, 8, size=2)
-    shade = gx * ramp[None, :] + gy * ramp[:, None]
-    background = np.clip(base[None, None, :] + shade[:, :, None], 0, 255).astype(np.uint8)
-    image = Image.fromarray(background, "RGB")
-    gen.draw(ImageDraw.Draw(image), label, rng, size)
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0.0, _NOISE_SIGMA, size=(size, size, 3))
-    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+    _check_split(split)
+    gen.prepare()
+    return gen.paint(label, np.random.default_rng(seed), size, split)
 
 
-def _item(gen: Generator, seed: int, index: int) -> tuple[int, int]:
-    """Label and render seed of dataset item ``index``: a function of ``(seed, index)`` only."""
-    rng = np.random.default_rng((seed, index))
+def _item(gen: Generator, seed: int, index: int, split: str) -> tuple[int, int]:
+    """Label and render seed of dataset item ``index``: a function of ``(seed, split, index)`` only."""
+    # The train stream keeps the historical (seed, index) key so existing datasets are unchanged.
+    key = (seed, index) if split == "train" else (seed, index, SPLITS.index(split))
+    rng = np.random.default_rng(key)
     label = int(rng.integers(gen.low, gen.high + 1))
     return label, int(rng.integers(2**63))
 
 
-def sample_labels(kind: str, n: int, seed: int) -> list[int]:
+def sample_labels(kind: str, n: int, seed: int, split: str = "train") -> list[int]:
     """``n`` labels drawn uniformly over the generator's range; the first ``k`` do not depend on ``n``."""
     gen = get_generator(kind)
-    return [_item(gen, seed, i)[0] for i in range(n)]
+    _check_split(split)
+    return [_item(gen, seed, i, split)[0] for i in range(n)]
 
 
 def _toml_value(value: Any) -> str:
@@ -231,19 +271,26 @@ def _to_toml(data: dict[str, Any], comment: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dataset(kind: str, out_dir: Path, n: int, seed: int = 0, size: int = 64) -> Path:
-    """Write ``n`` images as ``out_dir/<label>/<kind>_<index:05d>.png`` and ``task.toml``; return its path."""
+def write_dataset(kind: str, out_dir: Path, n: int, seed: int = 0, size: int = 64, split: str = "train") -> Path:
+    """Write ``n`` images as ``out_dir/<label>/<kind>_<index:05d>.png`` and ``task.toml``; return its path.
+
+    ``split`` is ``train`` or ``test``: the two never share an image (for ``photo``, not even a photograph).
+    """
     gen = get_generator(kind)
     if n < 0:
         raise UsageError(f"number of images must be at least 0, got {n}")
+    if size < MIN_SIZE:
+        raise UsageError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
+    _check_split(split)
+    gen.prepare()  # a missing optional dependency fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for index in range(n):
-        label, image_seed = _item(gen, seed, index)
+        label, image_seed = _item(gen, seed, index, split)
         folder = out_dir / str(label)
         folder.mkdir(exist_ok=True)
-        render(kind, label, image_seed, size).save(folder / f"{kind}_{index:05d}.png", format="PNG")
+        render(kind, label, image_seed, size, split).save(folder / f"{kind}_{index:05d}.png", format="PNG")
     task_path = out_dir / TASK_FILE
-    comment = f"Synthetic {kind!r} task written by numclip_cli.synthetic (seed {seed}, {n} images)."
+    comment = f"Synthetic {kind!r} task written by numclip_cli.synthetic (seed {seed}, {split} split, {n} images)."
     task_path.write_text(_to_toml(gen.spec_dict(), comment=comment), encoding="utf-8")
     return task_path

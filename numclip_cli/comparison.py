@@ -136,7 +136,7 @@ def run_accuracy_suite(kinds: list[str], methods: list[str], n_train: int, n_tes
         for kind in kinds:
             task, folder = task_spec(kind), Path(tmp) / kind
             write_dataset(kind, folder / "train", n_train, seed=seed)
-            write_dataset(kind, folder / "test", n_test, seed=seed + TEST_SEED_OFFSET)
+            write_dataset(kind, folder / "test", n_test, seed=seed + TEST_SEED_OFFSET, split="test")
             train, test = load_samples(folder / "train", task), load_samples(folder / "test", task)
             rows.append(median_row(kind, train, test, task))
             report(rows[-1])

@@ -1,10 +1,19 @@
-"""The real-photo ordinal suite: crops of photographs that ship with scikit-image, labelled by added noise.
+"""The real-photo ordinal suite: crops of photographs that ship with scikit-image, labelled by haze level.
 
-The label (1–10) is the strength of added Gaussian noise: level ``k`` adds noise of standard deviation
-``noise_sigma(k)`` = 2 × 1.42^(k−1) grey levels (2 … 47 on the 0–255 scale), independently per pixel and
-channel. Steps are geometric because noise is judged relative to what is already there: each step is the
-same ×1.42 whether the image is almost clean or very noisy. Unlike the drawn suites, the picture under the
-label is real: textures, edges, flat sky, text, microscopy and astronomy, in colour and grey.
+The label (1–10) is how much haze veils the photo: level ``k`` keeps ``contrast(k)`` = 0.9^(k−1) of the photo's
+contrast (1.0 … 0.39) and fills the rest with a light grey veil, ``pixel·c + veil·(1−c)``, as fog or a washed-out
+lens would. Steps are geometric because contrast is judged relative to what is there: each step takes the same
+10 % away. Unlike the drawn suites the picture under the label is real (textures, edges, flat sky, text,
+microscopy, astronomy, in colour and grey) and the label is not always certain: a photograph that is low in
+contrast to begin with (the clock, the moon, cells) looks hazy at level 1, as it would to a person.
+
+Why haze: additive Gaussian noise (σ 2–47 grey levels, ×1.42 per step) was tried first. With the sanity recipe
+(numclip-tiny from random init, 540 training crops, 6 epochs, tuned image tower and context) the model did not
+learn it at all (validation MAE 2.31 against 2.38 for predicting the median), while the same recipe on haze
+reached 1.13 on validation crops and 1.56 on the test photographs (median: 2.51), and on ``dots`` 0.89. The
+likely reason: the ViT normalises each patch token, so a random-init model picks up how bright patches are
+(haze lifts the darkest ones) long before it learns the within-patch texture energy that noise, blur or JPEG
+quality would need.
 
 Photographs are assigned to a split once, by name, independent of any seed, so a model tested on ``test``
 has never seen those photographs during training:
@@ -15,15 +24,15 @@ has never seen those photographs during training:
   gravel, page (grey).
 
 Pairs of similar content are split on purpose (grass/gravel, text/page, hubble/rocket's night sky, astronaut/
-chelsea), so the test set is new photographs of familiar kinds, not a new domain. Left out: ``cat`` (the same
-picture as ``chelsea``), ``colorwheel``, ``logo``, ``horse``, ``checkerboard`` (drawn graphics, flat crops) and
-the datasets scikit-image must download.
+chelsea, cell/clock's flat grey), so the test set is new photographs of familiar kinds, not a new domain. Left
+out: ``cat`` (the same picture as ``chelsea``), ``colorwheel``, ``logo``, ``horse``, ``checkerboard`` (drawn
+graphics, flat crops) and the datasets scikit-image must download.
 
 Each image is a random square crop (15–60 % of the photo's short side, at least the output size, so nothing is
-upsampled) resized to the output size, then lightly augmented (a random quarter turn and mirror, contrast
-×0.8–1.25 and brightness ±15 grey levels) before the noise is added, so no two crops repeat and the model must
-read the noise rather than recognise the crop. All randomness is drawn before the label is used: one seed
-gives the same crop at every level, only the noise strength differs.
+upsampled) resized to the output size, turned a random quarter turn and mirrored half the time, and hazed with
+a veil of random grey level (215–255), so no two crops repeat and the model must read the haze rather than
+recognise the crop. All randomness is drawn before the label is used: one seed gives the same crop and veil at
+every level, only the contrast differs.
 
 scikit-image is an optional dependency (``numclip[photos]``); it is imported only when a photo is needed.
 """
@@ -44,19 +53,18 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "hubble_deep_field", "immunohistochemistr
 TEST_PHOTOS = ("chelsea", "motorcycle", "rocket", "clock", "gravel", "page")
 SPLITS: dict[str, tuple[str, ...]] = {"train": TRAIN_PHOTOS, "test": TEST_PHOTOS}
 LEVELS = range(1, 11)
-_SIGMA_1, _SIGMA_STEP = 2.0, 1.42
+_CONTRAST_STEP = 0.9
+_VEIL = (215.0, 255.0)  # grey level of the haze veil, drawn per image
 _CROP_SHARE = (0.15, 0.6)  # crop side as a share of the photo's short side
-_CONTRAST = (0.8, 1.25)
-_BRIGHTNESS = 15.0
 
 
-def noise_sigma(level: int) -> float:
-    """Standard deviation (grey levels, 0–255 scale) of the noise added at ``level``.
+def contrast(level: int) -> float:
+    """Share of the photo's contrast left at ``level``: 1 at level 1, ×0.9 per step.
 
-    >>> round(noise_sigma(1), 2), round(noise_sigma(10), 1)
-    (2.0, 47.0)
+    >>> contrast(1), round(contrast(10), 3)
+    (1.0, 0.387)
     """
-    return _SIGMA_1 * _SIGMA_STEP ** (level - 1)
+    return _CONTRAST_STEP ** (level - 1)
 
 
 def require_skimage() -> Any:
@@ -92,14 +100,12 @@ def _crop(photo: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def paint(label: int, rng: np.random.Generator, size: int, split: str) -> Image.Image:
-    """A ``size``×``size`` RGB crop of a ``split`` photograph with noise level ``label`` added."""
+    """A ``size``×``size`` RGB crop of a ``split`` photograph with haze level ``label``."""
     names = SPLITS[split]
     pixels = _crop(load_photo(names[int(rng.integers(len(names)))]), rng, size)
     pixels = np.rot90(pixels, k=int(rng.integers(4)))
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    contrast, brightness = rng.uniform(*_CONTRAST), rng.uniform(-_BRIGHTNESS, _BRIGHTNESS)
-    pixels = (pixels - pixels.mean()) * contrast + pixels.mean() + brightness
-    noise = rng.standard_normal(pixels.shape, dtype=np.float32)  # drawn whatever the label: same crop per seed
-    noisy = np.clip(pixels, 0, 255) + noise_sigma(label) * noise
-    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+    veil = rng.uniform(*_VEIL)  # drawn whatever the label: one seed gives the same crop at every level
+    c = contrast(label)
+    return Image.fromarray(np.clip(np.rint(pixels * c + veil * (1 - c)), 0, 255).astype(np.uint8), "RGB")

@@ -3,8 +3,8 @@
 Each generator paints one kind of picture and knows its task: the label range, the ordered bins over it, the
 unit and the prompt. ``dots`` counts dots, ``fill`` shows a bar filled in 10 % steps, ``size`` grows a square:
 dark shapes drawn with Pillow on a light, noisy background, so a test can check that the label is really
-visible. ``photo`` is real: crops of photographs that ship with scikit-image, labelled by the strength of added
-noise (see ``numclip_cli.photo_suite``; needs the optional ``numclip[photos]``).
+visible. ``photo`` is real: crops of photographs that ship with scikit-image, labelled by how much haze veils them
+(see ``numclip_cli.photo_suite``; needs the optional ``numclip[photos]``).
 
 Everything is seeded: image ``i`` of a dataset depends only on ``(seed, split, i)``, never on how many images
 are written. The ``train`` and ``test`` splits never share an image: for ``photo`` they use different
@@ -172,9 +172,9 @@ GENERATORS: dict[str, Generator] = {
         ),
         Generator(
             name="photo",
-            unit="noise step (Gaussian noise, σ ×1.42 per step from 2 grey levels)",
-            prompt="a photo with {} noise.",
-            bins=(("almost no", 1, 2), ("slight", 3, 4), ("moderate", 5, 6), ("strong", 7, 8), ("heavy", 9, 10)),
+            unit="haze step (contrast ×0.9 per step under a light veil)",
+            prompt="a photo with {} haze.",
+            bins=(("no", 1, 2), ("light", 3, 4), ("moderate", 5, 6), ("heavy", 7, 8), ("dense", 9, 10)),
             paint=photo_suite.paint,
             prepare=photo_suite.require_skimage,
         ),

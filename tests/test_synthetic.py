@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -12,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from numclip_cli import synthetic
+from numclip_cli import photo_suite, synthetic
 from numclip_cli.errors import UsageError
 from numclip_cli.tasks import get_task
 
@@ -164,3 +166,107 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
 def test_toml_strings_round_trip(text: str) -> None:
     data = {"name": text, "n": 3, "rows": [{"name": text, "low": 1}]}
     assert tomllib.loads(synthetic._to_toml(data, comment="a\nb")) == data
+
+
+# ------------------------------------------------------------------------------------- splits (every kind)
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_and_test_splits_never_share_an_image(kind: str, tmp_path: Path) -> None:
+    synthetic.write_dataset(kind, tmp_path / "train", n=20, seed=4, size=32)
+    synthetic.write_dataset(kind, tmp_path / "test", n=20, seed=4, size=32, split="test")
+    train = {p.read_bytes() for p in (tmp_path / "train").glob("*/*.png")}
+    test = {p.read_bytes() for p in (tmp_path / "test").glob("*/*.png")}
+    assert len(train) == len(test) == 20 and not train & test
+    assert synthetic.sample_labels(kind, 20, seed=4, split="test") != synthetic.sample_labels(kind, 20, seed=4)
+
+
+def test_an_unknown_split_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unknown split"):
+        synthetic.write_dataset("dots", tmp_path / "ds", n=1, split="validation")
+    with pytest.raises(UsageError, match="unknown split"):
+        synthetic.render("photo", 1, seed=0, split="val")
+    assert not (tmp_path / "ds").exists()
+
+
+# ------------------------------------------------------------------------------------------ the photo suite
+def test_photo_splits_are_disjoint_mixed_and_load_offline() -> None:
+    train, test = set(photo_suite.TRAIN_PHOTOS), set(photo_suite.TEST_PHOTOS)
+    assert len(train) == len(photo_suite.TRAIN_PHOTOS) and len(test) == len(photo_suite.TEST_PHOTOS)
+    assert not train & test and len(train) > len(test) >= 5
+    for names in (train, test):
+        colour = set()
+        for name in names:
+            pixels = photo_suite.load_photo(name)
+            assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+            assert min(pixels.shape[:2]) >= 64
+            colour.add(bool(np.ptp(pixels.astype(int), axis=2).mean() > 2))
+        assert colour == {True, False}  # both splits hold colour and grey photographs
+
+
+def test_photo_docstring_lists_each_split() -> None:
+    lines = photo_suite.__doc__.replace("\n  ", " ").splitlines()
+    for split, names in photo_suite.SPLITS.items():
+        (line,) = [line for line in lines if line.startswith(f"- ``{split}``")]
+        assert f"({len(names)})" in line and all(name in line for name in names)
+
+
+def test_photo_images_come_only_from_their_splits_photographs(tmp_path: Path, monkeypatch) -> None:
+    used: dict[str, set[str]] = {"train": set(), "test": set()}
+    load = photo_suite.load_photo
+    for split in used:
+        monkeypatch.setattr(photo_suite, "load_photo", lambda name, s=split: used[s].add(name) or load(name))
+        synthetic.write_dataset("photo", tmp_path / split, n=80, seed=0, size=32, split=split)
+    assert used == {"train": set(photo_suite.TRAIN_PHOTOS), "test": set(photo_suite.TEST_PHOTOS)}
+
+
+@pytest.mark.parametrize("split", synthetic.SPLITS)
+def test_photo_images_are_real_photo_content(split: str) -> None:
+    correlations = []
+    for seed in range(30):
+        grey = np.asarray(synthetic.render("photo", 1, seed, split=split).convert("L"), dtype=float)
+        assert grey.std() > 3 and len(np.unique(grey)) >= 20  # not flat
+        correlations.append(np.corrcoef(grey[:, :-1].ravel(), grey[:, 1:].ravel())[0, 1])
+    # Neighbouring pixels of a photograph are strongly correlated; a flat picture plus noise gives about 0.
+    assert min(correlations) > 0.3 and np.median(correlations) > 0.6
+
+
+def test_photo_level_takes_the_same_share_of_contrast_per_step() -> None:
+    for seed in range(6):
+        stds = [np.asarray(synthetic.render("photo", level, seed), dtype=float).std() for level in photo_suite.LEVELS]
+        assert all(a > b for a, b in zip(stds, stds[1:], strict=False)), stds
+        for level, std in zip(photo_suite.LEVELS, stds, strict=True):
+            assert std / stds[0] == pytest.approx(photo_suite.contrast(level), abs=0.02)
+    assert synthetic.task_spec("photo").rank_values() == [float(level) for level in photo_suite.LEVELS]
+
+
+def test_importing_synthetic_does_not_import_scikit_image() -> None:
+    code = "import sys, numclip_cli.synthetic, numclip_cli.cli.app; print('skimage' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_photo_without_scikit_image_is_a_one_line_error_naming_the_extra(run_cli, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage.data` raise ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    photo_suite.load_photo.cache_clear()  # as in a fresh process: no photograph loaded yet
+    result = run_cli(["synth", "photo", "--out", tmp_path / "photos", "--n", "3"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "numclip[photos]" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "photos").exists()
+    with pytest.raises(UsageError, match=r"numclip\[photos\]"):
+        synthetic.render("photo", 1, seed=0)
+    ok = run_cli(["synth", "dots", "--out", tmp_path / "dots", "--n", "3"])  # the drawn kinds need no extra
+    assert ok.exit_code == 0 and len(list((tmp_path / "dots").glob("*/*.png"))) == 3
+
+
+def test_cli_writes_the_photo_test_split(run_cli, tmp_path: Path) -> None:
+    result = run_cli(["synth", "photo", "--out", tmp_path / "ds", "--n", "12", "--seed", "3", "--split", "test"])
+    assert result.exit_code == 0, result.stderr
+    expected = tmp_path / "api"
+    synthetic.write_dataset("photo", expected, n=12, seed=3, split="test")
+    files = sorted(p.relative_to(tmp_path / "ds") for p in (tmp_path / "ds").glob("*/*.png"))
+    assert len(files) == 12
+    assert all((tmp_path / "ds" / rel).read_bytes() == (expected / rel).read_bytes() for rel in files)
+    assert get_task(str(tmp_path / "ds" / synthetic.TASK_FILE)) == synthetic.task_spec("photo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import typer
 
@@ -24,14 +25,19 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: rich's option panels cut long option names at 80 columns and show "<bool>" on flags
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(predict)
-app.command()(train)
-app.command()(calibrate)
-app.command()(synth)
-app.command()(tasks)
-app.command()(bench)
+
+
+def _summary(command: Callable[..., None]) -> str:
+    """A command's one-line docstring without its example, for the command list (click would cut it at "e.g.")."""
+    return (command.__doc__ or "").strip().splitlines()[0].split(" (e.g.")[0].rstrip(".") + "."
+
+
+for _command in (predict, train, calibrate, synth, tasks, bench):
+    app.command(short_help=_summary(_command))(_command)
 
 
 def _version(value: bool) -> None:

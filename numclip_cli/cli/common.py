@@ -79,12 +79,13 @@ class Reporter:
             self.console.print(f"numclip: warning: {message}", markup=False, style="yellow", soft_wrap=True)
 
     def progress(self) -> Any:
-        """A rich progress bar on stderr (disabled when stderr is not a terminal)."""
+        """A rich progress bar on stderr (disabled when stderr is not a terminal); transient: it is erased when its
+        ``with`` block ends, so results printed to the same terminal afterwards start on a clean line."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                        console=self.console, disable=not self.interactive, transient=False)
+                        console=self.console, disable=not self.interactive, transient=True)
 
 
 def prepare(offline: bool, verbose: bool) -> None:

@@ -55,7 +55,7 @@ def train(
     metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write final metrics as JSON.")] = None,
     faces: Annotated[str | None, typer.Option(
         "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
-                        "none: whole images (default: the task's, largest for age; needs numclip\\[face]). "
+                        "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
     face_margin: Annotated[float, typer.Option(
         "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,

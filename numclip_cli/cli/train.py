@@ -18,7 +18,9 @@ from numclip_cli.cli.common import (
     TaskOpt,
     VerboseOpt,
     announce_device,
+    fraction,
     handle_errors,
+    positive,
     prepare,
 )
 
@@ -33,12 +35,14 @@ def train(
     method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine), l2rclip, ordinalclip, coop or "
                                         "linear-probe (zeroshot needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
-    val_split: Annotated[float, typer.Option("--val-split", help="Held-out share of --data when --val is not "
-                                             "given (seeded).")] = 0.1,
+    val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
+                                             "when --val is not given (seeded; between 0 and 1).")] = 0.1,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of prompts, adapter and fine head.")] = 1e-5,
-    image_lr: Annotated[float, typer.Option("--image-lr", help="Learning rate of the image tower.")] = 1e-5,
+    lr: Annotated[float, typer.Option("--lr", callback=positive, help="Learning rate of prompts, adapter and "
+                                      "fine head (> 0).")] = 1e-5,
+    image_lr: Annotated[float, typer.Option("--image-lr", callback=positive, help="Learning rate of the image "
+                                            "tower (> 0).")] = 1e-5,
     tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
                                              help="Fine-tune the image tower (the reference does).")] = True,
     tune_context: Annotated[bool | None, typer.Option(

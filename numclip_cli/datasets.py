@@ -1,6 +1,7 @@
 """Labelled training data: folder-per-label, CSV/TSV ``path,label``, or OrdinalCLIP lists ``<path> <label>``.
 
-Every problem (label outside the task's bins, unreadable row, missing file) is reported with its file and line.
+Every distinct problem (label outside the task's bins, unreadable row, missing file) is reported once, with the first
+file and line where it occurs and how many rows share it.
 Images that fail to decode during training are skipped and counted, never replaced by another image.
 """
 
@@ -49,31 +50,41 @@ def load_samples(data: str | Path, task: TaskSpec) -> Samples:
         rows = _table_rows(path) if path.suffix.lower() in (".csv", ".tsv") else _list_rows(path)
     else:
         raise DataError(f"dataset not found: {path}")
-    problems: list[str] = []
+    # one entry per distinct problem (a folder named by a bad label is one problem, not one per image):
+    # reason -> [how many rows have it, the first place it occurs]
+    problems: dict[str, list] = {}
     paths, values = [], []
     for where, image, label in rows:
         try:
             value = task.parse_label(label)
         except ValueError as exc:
-            problems.append(f"{where}: {exc}")
+            problems.setdefault(str(exc), [0, where])[0] += 1
             continue
         if not os.path.exists(image):
-            problems.append(f"{where}: image not found: {image}")
+            problems.setdefault("image not found", [0, f"{where}: {image}"])[0] += 1
             continue
         paths.append(image)
         values.append(value)
     if problems:
-        more = f" (and {len(problems) - _MAX_REPORTED} more)" if len(problems) > _MAX_REPORTED else ""
-        raise DataError(f"{len(problems)} problem(s) in {path}: " + "; ".join(problems[:_MAX_REPORTED]) + more)
+        raise DataError(_problem_report(path, problems))
     if not paths:
         raise DataError(f"no labelled images found in {path}")
     return Samples(paths, values, str(path))
 
 
+def _problem_report(path: Path, problems: dict[str, list]) -> str:
+    """One line: how many rows are unusable, then each distinct problem once with its first place and count."""
+    total = sum(count for count, _ in problems.values())
+    shown = [f"{place}: {reason}" + (f" (and {count - 1} more like it)" if count > 1 else "")
+             for reason, (count, place) in list(problems.items())[:_MAX_REPORTED]]
+    more = f"; and {len(problems) - _MAX_REPORTED} other problem(s)" if len(problems) > _MAX_REPORTED else ""
+    return f"{total} problem(s) in {path}: " + "; ".join(shown) + more
+
+
 def _folder_rows(root: Path) -> list[tuple[str, str, str]]:
     rows = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        rows.extend((str(sub), image, sub.name) for image in scan_directory(str(sub), recursive=True))
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):  # the image is its own place: an example file
+        rows.extend((image, image, sub.name) for image in scan_directory(str(sub), recursive=True))
     return rows
 
 

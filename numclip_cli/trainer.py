@@ -37,7 +37,7 @@ from numclip_cli.checkpoint import (
 )
 from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
-from numclip_cli.errors import CheckpointError, UsageError
+from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec
@@ -285,7 +285,11 @@ class Trainer:
                 self._save(last_path(out), train, val, report, history, baseline, resume=True)
                 on_epoch(report)
             barrier(self.world)
-        best = read_checkpoint(out).train.get("metrics", {}) if out.exists() else {}
+        if self.best_epoch < 1:  # only an improving epoch writes ``out``: a file there now is another run's
+            last = f" (last epoch: train loss {history[-1].train_loss:.4g})" if history else ""
+            raise NumclipError(f"no epoch reached a finite validation MAE{last}; {out} was not written "
+                               f"(a smaller --lr or --image-lr may help)")
+        best = read_checkpoint(out).train.get("metrics", {})
         return TrainResult(self.best_epoch, best, history, baseline)
 
     # ------------------------------------------------------------------------------------- checkpoints

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+from collections.abc import Callable
 
 import typer
 
@@ -24,14 +28,19 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: rich's option panels cut long option names at 80 columns and show "<bool>" on flags
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command()(predict)
-app.command()(train)
-app.command()(calibrate)
-app.command()(synth)
-app.command()(tasks)
-app.command()(bench)
+
+
+def _summary(command: Callable[..., None]) -> str:
+    """A command's one-line docstring without its example, for the command list (click would cut it at "e.g.")."""
+    return (command.__doc__ or "").strip().splitlines()[0].split(" (e.g.")[0].rstrip(".") + "."
+
+
+for _command in (predict, train, calibrate, synth, tasks, bench):
+    app.command(short_help=_summary(_command))(_command)
 
 
 def _version(value: bool) -> None:
@@ -49,4 +58,24 @@ def root(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()  # standalone mode: always ends in SystemExit with the command's exit code
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        _exit_on_signal(code)
+        raise
+
+
+def _exit_on_signal(code: int) -> None:
+    """From here on a Ctrl-C or SIGTERM ends the process at once with ``code``: the command has finished and said
+    what it had to say in one line; a signal during interpreter shutdown would otherwise print Python's
+    "Exception ignored in ..." traceback (or wait for the shutdown to finish)."""
+
+    def exit_now(signum: int, frame: object) -> None:
+        os._exit(code)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, exit_now)
+    for stream in (sys.stdout, sys.stderr):  # os._exit skips this: flush now, with the handlers in place
+        with contextlib.suppress(Exception):
+            stream.flush()

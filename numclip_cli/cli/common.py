@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -39,6 +40,20 @@ WorkersOpt = Annotated[int | None, typer.Option(
                              "larger CPU, up to 4 feeding a GPU).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More on stderr, tracebacks included.")]
+
+
+def positive(value: float | None) -> float | None:
+    """Option callback: a finite number above 0 (click's own ranges let NaN and inf through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0")
+    return value
+
+
+def fraction(value: float | None) -> float | None:
+    """Option callback: a share strictly between 0 and 1."""
+    if value is not None and not 0 < value < 1:  # False for NaN too
+        raise typer.BadParameter(f"{value} is not between 0 and 1 (both excluded)")
+    return value
 
 
 class Terminated(BaseException):
@@ -79,12 +94,13 @@ class Reporter:
             self.console.print(f"numclip: warning: {message}", markup=False, style="yellow", soft_wrap=True)
 
     def progress(self) -> Any:
-        """A rich progress bar on stderr (disabled when stderr is not a terminal)."""
+        """A rich progress bar on stderr (disabled when stderr is not a terminal); transient: it is erased when its
+        ``with`` block ends, so results printed to the same terminal afterwards start on a clean line."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                        console=self.console, disable=not self.interactive, transient=False)
+                        console=self.console, disable=not self.interactive, transient=True)
 
 
 def prepare(offline: bool, verbose: bool) -> None:

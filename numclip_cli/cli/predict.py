@@ -64,7 +64,7 @@ def predict(
                            "that hold the truth with this probability (e.g. 0.9).", show_default=False)] = None,
     faces: Annotated[str | None, typer.Option(
         "--faces", help="largest: predict on the largest face; all: one record per face; none: the whole image "
-                        "(default: the task's, largest for age; needs numclip\\[face]). No face found: the whole "
+                        "(default: the task's, largest for age; needs numclip[face]). No face found: the whole "
                         "image, with \"face\": null.", show_default=False)] = None,
     face_margin: Annotated[float | None, typer.Option(
         "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default: the "
@@ -193,6 +193,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
                 raise
             stopped = RuntimeError(" ".join(str(exc).split()))
         stopped = stop.exception() or stopped
+        progress.stop()  # erase the bar before a table is printed to the same terminal
         if stopped is not None:  # keep the complete records: the sink is committed below
             reporter.warn(f"stopped after {ok + failed} of {len(paths)} input(s); "
                           f"rerun with --skip-existing to continue" if output else "stopped")

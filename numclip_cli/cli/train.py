@@ -17,10 +17,21 @@ from numclip_cli.cli.common import (
     Reporter,
     TaskOpt,
     VerboseOpt,
+    WorkersOpt,
     announce_device,
+    fraction,
     handle_errors,
+    positive,
     prepare,
 )
+
+# Default learning rates (prompts, adapter and head; image tower). From random init: what the synthetic method
+# comparison and the shipped demo checkpoint were trained with (chosen on validation data); a pretrained CLIP
+# (fine-tuned, so small steps): the NumCLIP reference's recipe.
+RANDOM_INIT_LR = (3e-3, 1e-3)
+PRETRAINED_LR = (1e-5, 1e-5)
+AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0.1
+FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move in steps of 5 % or more
 
 
 @handle_errors
@@ -33,29 +44,34 @@ def train(
     method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine), l2rclip, ordinalclip, coop or "
                                         "linear-probe (zeroshot needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
-    val_split: Annotated[float, typer.Option("--val-split", help="Held-out share of --data when --val is not "
-                                             "given (seeded).")] = 0.1,
+    val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
+                                             "when --val is not given (seeded; between 0 and 1).")] = 0.1,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of prompts, adapter and fine head.")] = 1e-5,
-    image_lr: Annotated[float, typer.Option("--image-lr", help="Learning rate of the image tower.")] = 1e-5,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", callback=positive, show_default=False, help="Learning rate of prompts, adapter and fine head "
+        f"(> 0; default: {RANDOM_INIT_LR[0]:g} from random init, else {PRETRAINED_LR[0]:g} as the NumCLIP "
+        "reference).")] = None,
+    image_lr: Annotated[float | None, typer.Option(
+        "--image-lr", callback=positive, show_default=False, help="Learning rate of the image tower (> 0; "
+        f"default: {RANDOM_INIT_LR[1]:g} from random init, else {PRETRAINED_LR[1]:g}).")] = None,
     tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
                                              help="Fine-tune the image tower (the reference does).")] = True,
     tune_context: Annotated[bool | None, typer.Option(
         "--tune-context/--freeze-context", help="Train the shared prompt context too (default: on for coop, "
         "ordinalclip and l2rclip, off for numclip).", show_default=False)] = None,
-    milestones: Annotated[str, typer.Option("--milestones", help="Epochs where the LR drops ×0.1, "
-                                            "comma-separated.")] = "60",
+    milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
+                                            "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 autocast on CUDA (ignored on CPU).")] = True,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes.")] = 2,
+    workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Best checkpoint (the resumable last one is written "
                                       "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote --out.")] = False,
     metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write final metrics as JSON.")] = None,
     faces: Annotated[str | None, typer.Option(
         "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
-                        "none: whole images (default: the task's, largest for age; needs numclip\\[face]). "
+                        "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
     face_margin: Annotated[float, typer.Option(
         "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
@@ -72,8 +88,8 @@ def train(
     from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import load_samples, split_validation
     from numclip_cli.distributed import init_world, launched_by_torchrun
-    from numclip_cli.errors import UsageError
     from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.predictor import default_workers
     from numclip_cli.session import default_pretrained
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
@@ -81,6 +97,7 @@ def train(
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
     world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
     reporter = Reporter(quiet or not world.is_main, verbose)
+    steps = parse_milestones(milestones, epochs)
     spec = get_task(task or _task_beside(data))
     face_mode, face_warning = resolve_mode(faces, spec.faces, ONE_VIEW_MODES)
     if face_warning:
@@ -88,13 +105,11 @@ def train(
     spec = dataclasses.replace(spec, faces=face_mode)  # the checkpoint's task says how its images were cropped
     samples = load_samples(data, spec)
     train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
-    try:
-        steps = tuple(int(m) for m in milestones.split(",") if m.strip())
-    except ValueError:
-        raise UsageError(f"--milestones {milestones!r}: expected comma-separated epochs") from None
-    config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
-                         tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed, amp=amp,
-                         workers=workers, face_margin=face_margin)
+    if milestones.strip() != "auto" and min(steps) >= epochs:
+        reporter.warn(f"--milestones {milestones}: the learning rate never drops in {epochs} epoch(s)")
+    if len(val_set) < FEW_VALIDATION:
+        reporter.warn(f"only {len(val_set)} validation image(s): their metrics (and the choice of the best epoch) "
+                      f"are mostly chance; give --val DATA or a larger --val-split (at least {FEW_VALIDATION})")
     dev = announce_device(device, reporter)
     if dev.type == "cuda" and launched_by_torchrun():
         import torch
@@ -108,6 +123,11 @@ def train(
     tag = pretrained or default_pretrained(name)
     if tag == "none":
         reporter.warn(f"--pretrained none: training {name} from random initialisation")
+    default_lr = RANDOM_INIT_LR if tag == "none" else PRETRAINED_LR
+    config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr or default_lr[0],
+                         image_lr=image_lr or default_lr[1], tune_image=tune_image, tune_context=tune_context,
+                         milestones=steps, seed=seed, amp=amp, face_margin=face_margin,
+                         workers=default_workers(len(train_set), batch_size, dev.type) if workers is None else workers)
     trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
     if resume:
         done = trainer.resume_from(last_path(out))
@@ -135,6 +155,27 @@ def train(
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
+
+
+def parse_milestones(text: str, epochs: int) -> tuple[int, ...]:
+    """``--milestones``: comma-separated epochs, or ``auto`` (after 60 % and 85 % of the epochs).
+
+    >>> parse_milestones("auto", 10), parse_milestones("auto", 100), parse_milestones("auto", 1)
+    ((6, 9), (60, 85), (1,))
+    >>> parse_milestones("3, 5", 10)
+    (3, 5)
+    """
+    from numclip_cli.errors import UsageError
+
+    if text.strip() == "auto":
+        return tuple(sorted({max(1, int(share * epochs + 0.5)) for share in AUTO_MILESTONES}))
+    try:
+        steps = tuple(int(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise UsageError(f"--milestones {text!r}: expected 'auto' or comma-separated epochs (1 or more)")
+    return steps
 
 
 def _has_cuda() -> bool:

@@ -1,0 +1,108 @@
+"""``numclip train`` options and messages: hyperparameters checked at parse time, a diverged run said plainly
+(never another run's metrics, never a claim that a file was written), defaults that fit the run, and warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from numclip_cli.synthetic import write_dataset
+
+TINY = ["--model", "numclip-tiny", "--pretrained", "none", "--offline", "--device", "cpu", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 "fill level" images: 36 train, 4 validation with the default split."""
+    root = tmp_path_factory.mktemp("fill")
+    write_dataset("fill", root, n=40, seed=1)
+    return root
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--image-lr", "-1"), ("--image-lr", "nan"),
+    ("--image-lr", "-inf"), ("--val-split", "0"), ("--val-split", "1"), ("--val-split", "1.5"),
+    ("--val-split", "-0.1"), ("--val-split", "nan")])
+def test_bad_hyperparameters_are_usage_errors_before_any_work(run_cli, tmp_path: Path, option: str,
+                                                              value: str) -> None:
+    # the data folder does not exist: a check that ran after parsing would exit 1 ("dataset not found")
+    result = run_cli(["train", "--data", tmp_path / "missing", *TINY, option, value])
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_without_a_finite_validation_score_says_so_and_keeps_the_old_file(run_cli, fill: Path,
+                                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"an earlier run's checkpoint")
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--batch-size", "64", "--tune-context",
+                      "--lr", "1e30", "--image-lr", "1e30", "--out", out])  # finite, but diverges at once
+    assert result.exit_code == 1, result.output
+    assert "no epoch reached a finite validation MAE" in result.stderr
+    assert f"{out} was not written" in result.stderr
+    assert out.read_bytes() == b"an earlier run's checkpoint"
+    assert result.stdout == ""  # no metrics table: neither this run's nor the old file's
+    assert "best epoch -1" not in result.output and "→" not in result.output
+
+
+def test_help_shows_defaults_that_fit_the_run(run_cli) -> None:
+    text = " ".join(run_cli(["train", "--help"]).stdout.split())
+    assert "auto: after 60 % and 85 %" in text and "[default: auto]" in text and "[default: 60]" not in text
+    assert "default: 0.003 from random init, else 1e-05" in text
+    assert "[default: 2" not in text  # --workers follows predict's rule
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two", "", ","])
+def test_bad_milestones_are_usage_errors_before_any_work(run_cli, tmp_path: Path, value: str) -> None:
+    result = run_cli(["train", "--data", tmp_path / "missing", *TINY, "--milestones", value])
+    assert result.exit_code == 2, result.output
+    assert "--milestones" in result.stderr
+
+
+def test_defaults_follow_the_backbone_and_the_epochs(run_cli, fill: Path, tmp_path: Path) -> None:
+    from numclip_cli.checkpoint import read_checkpoint
+    from numclip_cli.predictor import default_workers
+
+    out = tmp_path / "m.safetensors"
+    args = [a for a in TINY if a not in ("--workers", "0")]
+    result = run_cli(["train", "--data", fill, *args, "--epochs", "2", "--out", out])
+    assert result.exit_code == 0, result.output
+    config = read_checkpoint(out).train["config"]
+    assert (config["lr"], config["image_lr"]) == (3e-3, 1e-3)  # random init: the values the demo was trained with
+    assert list(config["milestones"]) == [1, 2]  # auto: after 60 % and 85 % of 2 epochs
+    assert config["workers"] == default_workers(36, 32, "cpu")
+    # 4 validation images: said, with what to do about it
+    assert "only 4 validation image(s)" in result.stderr and "--val-split" in result.stderr
+
+
+def test_enough_validation_images_give_no_warning(run_cli, fill: Path, tmp_path: Path) -> None:
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--val-split", "0.5",
+                      "--out", tmp_path / "m.safetensors"])
+    assert result.exit_code == 0, result.output
+    assert "validation image(s)" not in result.stderr
+
+
+def test_milestones_past_the_last_epoch_are_warned_about(run_cli, fill: Path, tmp_path: Path) -> None:
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--milestones", "60",
+                      "--out", tmp_path / "m.safetensors"])
+    assert result.exit_code == 0, result.output
+    assert "--milestones 60: the learning rate never drops in 1 epoch(s)" in result.stderr
+
+
+def test_bad_labels_are_reported_once_per_problem_with_an_example_and_a_count(run_cli, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_dataset("fill", data, n=40, seed=2)
+    images = sorted(data.glob("*/*.png"))
+    (data / "lots").mkdir()
+    for i, image in enumerate(images[:30]):  # 30 images under a label that is no number and no bin name
+        image.rename(data / "lots" / f"{i:02d}.png")
+    (data / "99").mkdir()
+    images[30].rename(data / "99" / "x.png")  # one image outside the task range
+    result = run_cli(["train", "--data", data, *TINY])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].count("'lots'") == 1 and lines[0].count("outside the task range") == 1
+    assert f"{data / 'lots' / '00.png'}: label 'lots'" in lines[0] and "(and 29 more like it)" in lines[0]
+    assert "31 problem(s)" in lines[0]

@@ -1,0 +1,122 @@
+"""Output targets: regular files are replaced atomically, symlinks are written through (the link stays), character
+devices and FIFOs are written in place (never replaced by a regular file), and stale temp files are cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from test_cli_predict import MODEL, jsonl
+
+from numclip_cli.atomic import atomic_open, atomic_write_bytes, remove_stale_temps
+
+
+def predict_to(run_cli, images: list[str], target: Path | str) -> Result:
+    result = run_cli(["predict", *images, *MODEL, "--workers", "0", "--output", target])
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+# --- symlinks ---------------------------------------------------------------------------------------------
+
+def test_predict_writes_through_a_symlink(run_cli, synthetic_images, tmp_path: Path) -> None:
+    real = tmp_path / "data" / "real.jsonl"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    predict_to(run_cli, synthetic_images[:2], link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert [r["path"] for r in jsonl(real.read_text())] == synthetic_images[:2]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.jsonl"]  # the temp file lived beside the target
+
+
+def test_a_dangling_symlink_creates_its_target(run_cli, synthetic_images, tmp_path: Path) -> None:
+    real, link = tmp_path / "new.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(real.name)  # relative, as `ln -s new.jsonl link.jsonl` makes it
+    predict_to(run_cli, synthetic_images[:1], link)
+    assert link.is_symlink() and len(jsonl(real.read_text())) == 1
+
+
+@pytest.mark.parametrize("mode", ["wb", "w"])
+def test_atomic_writes_follow_a_chain_of_symlinks(tmp_path: Path, mode: str) -> None:
+    """Checkpoints, --metrics-out, calibrate --json/--plot all go through these two functions."""
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    (tmp_path / "middle").symlink_to(real)
+    top = tmp_path / "top"
+    top.symlink_to(tmp_path / "middle")
+    if mode == "wb":
+        atomic_write_bytes(top, b"new")
+    else:
+        with atomic_open(top, "w") as handle:
+            handle.write("new")
+    assert top.is_symlink() and (tmp_path / "middle").is_symlink()
+    assert real.read_bytes() == b"new"
+
+
+# --- devices and FIFOs ------------------------------------------------------------------------------------
+
+def is_char_device(path: Path | str) -> bool:
+    return stat.S_ISCHR(os.lstat(path).st_mode)
+
+
+def test_dev_null_stays_a_character_device(run_cli, synthetic_images, tmp_path: Path) -> None:
+    assert is_char_device("/dev/null")
+    if os.geteuid() == 0:
+        # root could replace the system's /dev/null: prove it on a private copy of the device first
+        private = tmp_path / "null"
+        os.mknod(private, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        predict_to(run_cli, synthetic_images[:1], private)
+        assert is_char_device(private)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+    result = predict_to(run_cli, synthetic_images[:1], "/dev/null")
+    assert result.stdout == ""
+    assert is_char_device("/dev/null")
+
+
+def test_a_fifo_receives_the_output(run_cli, synthetic_images, tmp_path: Path) -> None:
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as reader:
+            received.append(reader.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    predict_to(run_cli, synthetic_images[:2], fifo)
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert [r["path"] for r in jsonl(received[0].decode())] == synthetic_images[:2]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.fifo"]
+
+
+# --- stale temp files -------------------------------------------------------------------------------------
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout)
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    dead = tmp_path / f".out.jsonl.{dead_pid()}.abc123.tmp"
+    alive = tmp_path / f".out.jsonl.{os.getppid()}.def456.tmp"  # a live process (our parent) may still write it
+    other = tmp_path / f".other.jsonl.{dead_pid()}.abc123.tmp"
+    for path in (dead, alive, other):
+        path.write_text("{}\n")
+    atomic_write_bytes(target, b"x\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, alive.name, other.name])
+    assert remove_stale_temps(target) == []

@@ -67,9 +67,17 @@ def check_writable_target(path: str | os.PathLike, option: str) -> None:
         raise UsageError(f"{where}: not a regular file, character device or FIFO")
     folder = final_path(path).parent
     if not folder.is_dir():
-        raise UsageError(f"{where}: folder {folder} does not exist")
+        raise UsageError(f"{where}: {folder} is not a folder" if folder.exists() else
+                         f"{where}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{where}: folder {folder} is not writable")
+
+
+def check_writable_targets(*targets: tuple[str, str | os.PathLike | None]) -> None:
+    """``check_writable_target`` for each ``(option, path)``; a None path (option not given) is skipped."""
+    for option, path in targets:
+        if path is not None:
+            check_writable_target(path, option)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -120,3 +120,84 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"x\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, alive.name, other.name])
     assert remove_stale_temps(target) == []
+
+
+# --- output locations are checked before any work ---------------------------------------------------------
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Loading a model or reading a dataset is recorded (and stopped): an early check must come first."""
+    import numclip_cli.backbone
+    import numclip_cli.checkpoint
+    import numclip_cli.datasets
+    import numclip_cli.session
+
+    calls: list[str] = []
+
+    def refuse(name: str):
+        def work(*args, **kwargs):
+            calls.append(name)
+            raise RuntimeError(f"{name} ran before the output location was checked")
+        return work
+
+    for module, name in ((numclip_cli.session, "open_session"), (numclip_cli.backbone, "load_backbone"),
+                         (numclip_cli.checkpoint, "load_model"), (numclip_cli.datasets, "load_samples")):
+        monkeypatch.setattr(module, name, refuse(name))
+    return calls
+
+
+def bad_targets(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Unwritable output locations and the words their error must contain."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    return {"missing folder": (tmp_path / "missing" / "out.x", "does not exist"),
+            "folder": (tmp_path / "a-folder", "is a folder"),
+            "file as folder": (tmp_path / "a-file" / "out.x", "is not a folder")}
+
+
+def assert_usage_error_before_work(result, option: str, target: Path, words: str, calls: list[str]) -> None:
+    assert result.exit_code == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("numclip: error")]
+    assert len(error) == 1 and f"{option} {target}" in error[0] and words in error[0], result.stderr
+    assert "unexpected" not in result.stderr
+    assert calls == []
+
+
+@pytest.mark.parametrize("case", ["missing folder", "folder", "file as folder"])
+def test_predict_checks_its_output_before_loading_a_model(case: str, run_cli, synthetic_images, tmp_path: Path,
+                                                          no_work: list[str]) -> None:
+    target, words = bad_targets(tmp_path)[case]
+    for extra in ([], ["--skip-existing"]):
+        result = run_cli(["predict", *synthetic_images[:2], *MODEL, "--output", target, *extra])
+        assert_usage_error_before_work(result, "--output", target, words, no_work)
+
+
+@pytest.mark.parametrize("option", ["--out", "--metrics-out"])
+@pytest.mark.parametrize("case", ["missing folder", "folder"])
+def test_train_checks_its_outputs_before_reading_data(option: str, case: str, run_cli, synthetic_dir: Path,
+                                                      tmp_path: Path, no_work: list[str]) -> None:
+    target, words = bad_targets(tmp_path)[case]
+    others = [] if option == "--out" else ["--out", tmp_path / "model.safetensors"]
+    result = run_cli(["train", "--data", synthetic_dir, "--model", "numclip-tiny", "--pretrained", "none",
+                      "--epochs", "1", "--workers", "0", option, target, *others])
+    assert_usage_error_before_work(result, option, target, words, no_work)
+
+
+def test_train_checks_where_the_last_checkpoint_goes(run_cli, synthetic_dir: Path, tmp_path: Path,
+                                                     no_work: list[str]) -> None:
+    last = tmp_path / "model.last.safetensors"
+    last.mkdir()  # a folder where the resumable checkpoint must go
+    result = run_cli(["train", "--data", synthetic_dir, "--model", "numclip-tiny", "--pretrained", "none",
+                      "--out", tmp_path / "model.safetensors"])
+    assert_usage_error_before_work(result, "--out", last, "is a folder", no_work)
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot", "--json"])
+@pytest.mark.parametrize("case", ["missing folder", "folder"])
+def test_calibrate_checks_its_outputs_before_loading_the_checkpoint(option: str, case: str, run_cli,
+                                                                    synthetic_dir: Path, tmp_path: Path,
+                                                                    no_work: list[str]) -> None:
+    target, words = bad_targets(tmp_path)[case]
+    result = run_cli(["calibrate", "--checkpoint", tmp_path / "model.safetensors", "--data", synthetic_dir,
+                      option, target])
+    assert_usage_error_before_work(result, option, target, words, no_work)

@@ -52,12 +52,14 @@ def calibrate(
     import dataclasses
 
     from numclip_cli import calibration
-    from numclip_cli.atomic import atomic_write_bytes
+    from numclip_cli.atomic import atomic_write_bytes, check_writable_targets
     from numclip_cli.checkpoint import load_model, write_checkpoint
     from numclip_cli.datasets import load_samples
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
+    check_writable_targets(("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot),
+                           ("--json", json_out))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     model, backbone, ckpt = load_model(checkpoint, dev)

@@ -75,6 +75,7 @@ def predict(
 ) -> None:
     """Predict a number for every image (e.g. `numclip predict face.jpg --task age`)."""
     prepare(offline, verbose)
+    from numclip_cli.atomic import check_writable_targets
     from numclip_cli.errors import NumclipError, UsageError
     from numclip_cli.inputs import expand_inputs, parse_shard, take_shard
     from numclip_cli.writers import FORMATS
@@ -84,6 +85,7 @@ def predict(
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if skip_existing and (output is None or fmt != "jsonl"):
         raise UsageError("--skip-existing needs --output FILE with --format jsonl")
+    check_writable_targets(("--output", output))
     all_paths = expand_inputs(paths, stdin=sys.stdin, recursive=recursive, null=null)
     if shard:
         all_paths = take_shard(all_paths, *parse_shard(shard))

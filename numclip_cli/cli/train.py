@@ -68,7 +68,7 @@ def train(
     prepare(offline, verbose)
     import dataclasses
 
-    from numclip_cli.atomic import atomic_write_bytes
+    from numclip_cli.atomic import atomic_write_bytes, check_writable_targets
     from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import load_samples, split_validation
     from numclip_cli.distributed import init_world, launched_by_torchrun
@@ -78,6 +78,7 @@ def train(
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
+    check_writable_targets(("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out))
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
     world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
     reporter = Reporter(quiet or not world.is_main, verbose)

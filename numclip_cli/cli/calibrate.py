@@ -24,6 +24,7 @@ from numclip_cli.cli.common import (
 
 @handle_errors
 def calibrate(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(
         "--checkpoint", help="The numclip .safetensors checkpoint to calibrate (rewritten in place unless --out).",
         show_default=False)],
@@ -52,14 +53,16 @@ def calibrate(
     import dataclasses
 
     from numclip_cli import calibration
-    from numclip_cli.atomic import atomic_write_bytes, check_writable_targets
+    from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.checkpoint import load_model, write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
-    check_writable_targets(("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot),
-                           ("--json", json_out))
+    # outputs are checked and locked before any work, until the command ends
+    ctx.with_resource(claim_outputs(
+        ("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     model, backbone, ckpt = load_model(checkpoint, dev)

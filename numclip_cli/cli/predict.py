@@ -35,6 +35,7 @@ from numclip_cli.cli.common import (
 
 @handle_errors
 def predict(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(
         help="Image files, directories, globs, or '-' to read newline-separated paths from stdin.",
         show_default=False)],
@@ -75,9 +76,9 @@ def predict(
 ) -> None:
     """Predict a number for every image (e.g. `numclip predict face.jpg --task age`)."""
     prepare(offline, verbose)
-    from numclip_cli.atomic import check_writable_targets
     from numclip_cli.errors import NumclipError, UsageError
     from numclip_cli.inputs import expand_inputs, parse_shard, take_shard
+    from numclip_cli.locking import claim_outputs
     from numclip_cli.writers import FORMATS
 
     fmt = output_format or _default_format(output)
@@ -85,7 +86,8 @@ def predict(
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if skip_existing and (output is None or fmt != "jsonl"):
         raise UsageError("--skip-existing needs --output FILE with --format jsonl")
-    check_writable_targets(("--output", output))
+    # checked and locked before any work; the lock is released when the command ends
+    ctx.with_resource(claim_outputs(("--output", output)))
     all_paths = expand_inputs(paths, stdin=sys.stdin, recursive=recursive, null=null)
     if shard:
         all_paths = take_shard(all_paths, *parse_shard(shard))

@@ -1,21 +1,26 @@
-"""Output targets: regular files are replaced atomically, symlinks are written through (the link stays), character
-devices and FIFOs are written in place (never replaced by a regular file), and stale temp files are cleaned up.
+"""How numclip writes its outputs: regular files are replaced atomically, symlinks are written through (the link
+stays), character devices and FIFOs are written in place; output locations are checked before any work; a file
+being written by one numclip process is refused to a second; stale temp files are cleaned up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import Result
-from test_cli_predict import MODEL, jsonl
+from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
 
 from numclip_cli.atomic import atomic_open, atomic_write_bytes, remove_stale_temps
+from numclip_cli.locking import lock_path
 
 
 def predict_to(run_cli, images: list[str], target: Path | str) -> Result:
@@ -201,3 +206,112 @@ def test_calibrate_checks_its_outputs_before_loading_the_checkpoint(option: str,
     result = run_cli(["calibrate", "--checkpoint", tmp_path / "model.safetensors", "--data", synthetic_dir,
                       option, target])
     assert_usage_error_before_work(result, option, target, words, no_work)
+
+
+# --- one writer per output file ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def held_by_another_process(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the lock on ``path`` until the block ends."""
+    code = ("import sys\nfrom numclip_cli.locking import output_lock\n"
+            "with output_lock(sys.argv[1], '--output'):\n    print('held', flush=True)\n    sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def busy_commands(tmp_path: Path, synthetic_dir: Path, image: str) -> dict[str, tuple[list, Path, str]]:
+    """Commands that write a file, the file and the option naming it."""
+    out, model = tmp_path / "out.jsonl", tmp_path / "model.safetensors"
+    model.write_bytes(b"the other run's checkpoint")
+    train = ["train", "--data", synthetic_dir, "--model", "numclip-tiny", "--pretrained", "none", "--workers", "0"]
+    calibrate = ["calibrate", "--checkpoint", model, "--data", synthetic_dir]
+    return {
+        "predict --output": (["predict", image, *MODEL, "--output", out], out, "--output"),
+        "predict --skip-existing": (["predict", image, *MODEL, "--output", out, "--skip-existing"], out, "--output"),
+        "train --out": ([*train, "--out", model], model, "--out"),
+        "train --metrics-out": ([*train, "--out", tmp_path / "m2.safetensors", "--metrics-out", out], out,
+                                "--metrics-out"),
+        "calibrate in place": (calibrate, model, "--checkpoint"),
+        "calibrate --json": ([*calibrate, "--out", tmp_path / "m2.safetensors", "--json", out], out, "--json"),
+    }
+
+
+@pytest.mark.parametrize("command", ["predict --output", "predict --skip-existing", "train --out",
+                                     "train --metrics-out", "calibrate in place", "calibrate --json"])
+def test_a_file_another_process_is_writing_is_refused_at_once(command: str, run_cli, synthetic_dir: Path,
+                                                              synthetic_images, tmp_path: Path,
+                                                              no_work: list[str]) -> None:
+    args, target, option = busy_commands(tmp_path, synthetic_dir, synthetic_images[0])[command]
+    before = target.read_bytes() if target.exists() else None
+    with held_by_another_process(target) as holder:
+        result = run_cli(args)
+    assert result.exit_code == 1, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("numclip: error")]
+    assert error == [f"numclip: error: {target} is being written by another numclip process (pid {holder.pid}); "
+                     f"wait for it or choose another {option}"]
+    assert no_work == []
+    assert (target.read_bytes() if target.exists() else None) == before
+
+
+def test_the_lock_guards_a_symlinks_target(run_cli, synthetic_images, tmp_path: Path, no_work: list[str]) -> None:
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    with held_by_another_process(real):
+        result = run_cli(["predict", synthetic_images[0], *MODEL, "--output", link])
+    assert result.exit_code == 1 and "is being written by another numclip process" in result.stderr
+    assert lock_path(link) == lock_path(real) == tmp_path / ".real.jsonl.lock"
+
+
+def test_a_killed_writer_does_not_block_the_next_run(run_cli, synthetic_images, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with held_by_another_process(out) as holder:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert lock_path(out).exists()  # left behind, but nobody holds it
+        result = run_cli(["predict", synthetic_images[0], *MODEL, "--workers", "0", "--output", out])
+    assert result.exit_code == 0, result.stderr
+    assert len(jsonl(out.read_text())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # the lock file is gone after a clean run
+
+
+def test_one_output_file_for_two_options_is_a_usage_error(run_cli, synthetic_dir: Path, tmp_path: Path,
+                                                          no_work: list[str]) -> None:
+    out = tmp_path / "model.safetensors"
+    result = run_cli(["train", "--data", synthetic_dir, "--out", out, "--metrics-out", out])
+    assert result.exit_code == 2, result.stderr
+    assert f"--out and --metrics-out name the same file {out}" in result.stderr
+    assert no_work == []
+
+
+@pytest.mark.slow  # two real processes: ~15 s on a busy 2-core machine
+def test_two_real_predict_runs_on_one_output(numclip_bin: Path, synthetic_images, tmp_path: Path,
+                                             clean_env) -> None:
+    """The second of two concurrent ``predict -o F --skip-existing`` fails at once; the first completes alone."""
+    out = tmp_path / "out.jsonl"
+    command = [str(numclip_bin), "predict", "-", *MODEL, "--workers", "0", "--output", str(out), "--skip-existing"]
+    first = subprocess.Popen(command, env=clean_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        # the first run holds the lock while it waits for its input list: the runs surely overlap
+        deadline = SUBPROCESS_TIMEOUT
+        while not lock_path(out).exists() and deadline > 0:
+            assert first.poll() is None, first.communicate()[1]
+            threading.Event().wait(0.05)
+            deadline -= 0.05
+        second = subprocess.run(command, env=clean_env, input="\n".join(synthetic_images), capture_output=True,
+                                text=True, timeout=SUBPROCESS_TIMEOUT)
+        stdout, stderr = first.communicate("\n".join(synthetic_images), timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 1, second.stderr
+    assert f"is being written by another numclip process (pid {first.pid})" in second.stderr
+    assert first.returncode == 0, stderr
+    assert [r["path"] for r in jsonl(out.read_text())] == synthetic_images
+    assert not lock_path(out).exists()

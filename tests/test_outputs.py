@@ -12,15 +12,18 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import Result
+from PIL import Image
 from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
 
 from numclip_cli.atomic import atomic_open, atomic_write_bytes, remove_stale_temps
 from numclip_cli.locking import lock_path
+from numclip_cli.predictor import Predictor
 
 
 def predict_to(run_cli, images: list[str], target: Path | str) -> Result:
@@ -315,3 +318,127 @@ def test_two_real_predict_runs_on_one_output(numclip_bin: Path, synthetic_images
     assert first.returncode == 0, stderr
     assert [r["path"] for r in jsonl(out.read_text())] == synthetic_images
     assert not lock_path(out).exists()
+
+
+# --- --skip-existing: the resumable mode ------------------------------------------------------------------
+
+MANY = 120  # with --batch-size 4: 30 batches, so a kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A folder of tiny distinct PNGs and their paths in the order ``predict FOLDER`` visits them."""
+    folder = tmp_path_factory.mktemp("many")
+    for i in range(MANY):
+        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 90)).save(folder / f"{i:03d}.png")
+    return folder, [str(folder / f"{i:03d}.png") for i in range(MANY)]
+
+
+@pytest.fixture
+def predicted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The inputs the model actually runs on (in-process runs)."""
+    seen: list[str] = []
+    records = Predictor.input_records
+
+    def counting(self, paths, *args, **kwargs):
+        seen.extend(paths)
+        return records(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "input_records", counting)
+    return seen
+
+
+def complete_records(out: Path) -> int:
+    """Complete lines in ``out`` (0 if it does not exist)."""
+    return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
+@pytest.mark.slow  # a real process, then the rest in-process: ~15-20 s on a busy 2-core machine
+def test_a_killed_skip_existing_run_resumes_where_it_stopped(numclip_bin: Path, many_images, tmp_path: Path,
+                                                             clean_env, run_cli, predicted: list[str]) -> None:
+    folder, paths = many_images
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [str(numclip_bin), "predict", str(folder), *MODEL, "--batch-size", "4", "--workers", "0", "--output",
+         str(out), "--skip-existing"], env=clean_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        # the first records must reach out.jsonl itself, not a temp file that a kill -9 would strand
+        while complete_records(out) == 0:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no record reached the output file"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = jsonl(out.read_bytes().rsplit(b"\n", 1)[0].decode())  # a torn last line is left out
+    assert 0 < len(kept) < MANY and [r["path"] for r in kept] == paths[:len(kept)]
+    stale = tmp_path / f".out.jsonl.{proc.pid}.x1y2z3.tmp"  # as a killed rewrite (no --skip-existing) leaves
+    stale.write_text("{}\n")
+    result = run_cli(["predict", folder, *MODEL, "--workers", "0", "--output", out, "--skip-existing"])
+    assert result.exit_code == 0, result.stderr
+    assert predicted == paths[len(kept):]  # only the rest ran
+    records = jsonl(out.read_text())
+    assert [r["path"] for r in records] == paths and all(r["status"] == "ok" for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # the stale temp file is gone
+
+
+def test_skip_existing_creates_the_file_and_writes_in_place(run_cli, synthetic_images, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "new.jsonl"
+    replaced: list[object] = []
+    monkeypatch.setattr(os, "replace", lambda *args: replaced.append(args))  # an atomic rewrite would call it
+    result = run_cli(["predict", *synthetic_images[:3], *MODEL, "--workers", "0", "--output", out,
+                      "--skip-existing"])
+    assert result.exit_code == 0, result.stderr
+    assert [r["path"] for r in jsonl(out.read_text())] == synthetic_images[:3]
+    assert replaced == []
+
+
+def test_skip_existing_matches_a_file_however_it_is_spelled(run_cli, synthetic_dir: Path, synthetic_images,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            predicted: list[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    first = run_cli(["predict", *synthetic_images[:3], *MODEL, "--workers", "0", "--output", out])
+    assert first.exit_code == 0, first.stderr
+    monkeypatch.chdir(synthetic_dir)
+    relative = [os.path.relpath(p) for p in synthetic_images[:5]]
+    spelled = [relative[0], "./" + relative[1], str(Path(synthetic_images[2]).parent / ".." /
+                                                    Path(synthetic_images[2]).relative_to(synthetic_dir)),
+               *relative[3:]]
+    predicted.clear()
+    again = run_cli(["predict", *spelled, *MODEL, "--workers", "0", "--output", out, "--skip-existing"])
+    assert again.exit_code == 0, again.stderr
+    assert predicted == relative[3:]
+    assert [r["path"] for r in jsonl(out.read_text())] == [*synthetic_images[:3], *relative[3:]]  # as given
+
+
+def test_an_input_listed_twice_gets_two_records(run_cli, synthetic_images, tmp_path: Path,
+                                                predicted: list[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    p, q = synthetic_images[:2]
+    base = [*MODEL, "--workers", "0", "--output", out, "--skip-existing"]
+    first = run_cli(["predict", p, *base])
+    assert first.exit_code == 0, first.stderr
+    predicted.clear()
+    again = run_cli(["predict", p, q, p, *base])
+    assert again.exit_code == 0, again.stderr
+    assert predicted == [q, p]  # p has one record of the two it needs
+    assert [r["path"] for r in jsonl(out.read_text())] == [p, q, p]
+    predicted.clear()
+    done = run_cli(["predict", p, q, p, *base])
+    assert done.exit_code == 0 and predicted == [] and "nothing to do" in done.stderr
+
+
+def test_skip_existing_refuses_a_file_that_is_not_numclip_output(run_cli, synthetic_images, tmp_path: Path,
+                                                                 no_work: list[str]) -> None:
+    out = tmp_path / "notes.jsonl"
+    text = '{"path": "a.png", "status": "ok"}\n{"note": "not a record"}\n{"path": "b.png", "status": "ok"}\n'
+    out.write_text(text)
+    result = run_cli(["predict", synthetic_images[0], *MODEL, "--output", out, "--skip-existing"])
+    assert result.exit_code == 1, result.stderr
+    assert f"{out} line 2 is not a numclip record" in result.stderr
+    assert out.read_text() == text  # never truncated

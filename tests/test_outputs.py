@@ -6,6 +6,7 @@ being written by one numclip process is refused to a second; stale temp files ar
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import stat
@@ -442,3 +443,54 @@ def test_skip_existing_refuses_a_file_that_is_not_numclip_output(run_cli, synthe
     assert result.exit_code == 1, result.stderr
     assert f"{out} line 2 is not a numclip record" in result.stderr
     assert out.read_text() == text  # never truncated
+
+
+# --- helpful emptiness ------------------------------------------------------------------------------------
+
+def test_a_folder_with_images_only_in_sub_folders_suggests_recursive(run_cli, synthetic_dir: Path,
+                                                                    no_work: list[str]) -> None:
+    result = run_cli(["predict", synthetic_dir, *MODEL])
+    assert result.exit_code == 1, result.stderr
+    assert f"numclip: error: no inputs found ({synthetic_dir} has sub-folders: add --recursive)" in result.stderr
+    flat = run_cli(["predict", synthetic_dir, "--recursive", *MODEL])
+    assert no_work == ["open_session"]  # with --recursive it finds the images and goes on to load a model
+    assert "sub-folders" not in flat.stderr
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "pipe"])
+def test_reading_paths_from_a_terminal_says_so(tty: bool, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer.testing
+
+    class Keyboard(io.BytesIO):
+        def isatty(self) -> bool:
+            return tty
+
+    monkeypatch.setattr(typer.testing, "make_input_stream", lambda data, charset: Keyboard(data or b""))
+    result = run_cli(["predict", "-", *MODEL], input="")
+    hint = "numclip: reading paths from stdin (one per line; Ctrl-D to end)"
+    assert (hint in result.stderr.splitlines()) == tty, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("output", ["stdout", "out.jsonl", "out.csv"])
+def test_an_empty_shard_succeeds_with_an_empty_output(output: str, run_cli, synthetic_images, tmp_path: Path,
+                                                      no_work: list[str]) -> None:
+    target = [] if output == "stdout" else ["--output", tmp_path / output]
+    result = run_cli(["predict", *synthetic_images[:3], *MODEL, "--shard", "5/8", *target])
+    assert result.exit_code == 0, result.stderr
+    assert "numclip: shard 5/8 has no inputs (3 input(s) in all)" in result.stderr
+    assert result.stdout == ""
+    if target:
+        assert (tmp_path / output).read_bytes() == b""
+    assert no_work == []
+
+
+def test_an_empty_shard_keeps_what_skip_existing_holds(run_cli, synthetic_images, tmp_path: Path,
+                                                       no_work: list[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"path": "earlier.png", "status": "ok"}\n{"path": "torn')
+    result = run_cli(["predict", *synthetic_images[:3], *MODEL, "--shard", "3/4", "--output", out,
+                      "--skip-existing"])
+    assert result.exit_code == 0, result.stderr
+    assert out.read_text() == '{"path": "earlier.png", "status": "ok"}\n'  # complete records only
+    assert no_work == []

@@ -48,7 +48,8 @@ def predict(
         "--format", help="table, jsonl or csv (default: table on a terminal, else jsonl; "
                          "with --output, from its suffix).")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write results to FILE atomically (temp file + rename) instead of stdout.")] = None,
+        "--output", "-o", help="Write results to FILE instead of stdout: atomically (temp file + rename; a symlink "
+                                "is written through), or straight into a device or FIFO.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --output FILE.jsonl: write records straight into FILE (resumable after any "
                                 "interruption) and skip inputs it already holds (same file = same resolved path; "

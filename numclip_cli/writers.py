@@ -6,11 +6,12 @@ import contextlib
 import csv
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from numclip_cli.atomic import no_space
+from numclip_cli.atomic import final_path, no_space, remove_stale_temps
 from numclip_cli.errors import NumclipError
 
 FORMATS = ("table", "jsonl", "csv")
@@ -105,31 +106,73 @@ def make_writer(fmt: str, stream: IO[str], bin_names: list[str], unit: str = "")
     return TableWriter(stream, unit)
 
 
-def done_paths(path: Path) -> tuple[set[str], int]:
-    """Paths already recorded in a JSONL output and the byte length of its complete lines (for resuming)."""
-    done: set[str] = set()
+def path_key(path: str) -> str:
+    """What ``--skip-existing`` compares: the resolved path, so ``a.jpg``, ``./a.jpg`` and ``/abs/a.jpg`` match."""
+    return os.path.realpath(path)
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """The matching key of a written record (its input's ``path_key``)."""
+    return path_key(record["path"])
+
+
+def _first_of_input(record: dict[str, Any]) -> bool:
+    """Whether a record starts its input's group (``--faces all`` writes one record per face)."""
+    face = record.get("face")
+    return not isinstance(face, dict) or face.get("index", 0) == 0
+
+
+def done_inputs(path: Path) -> tuple[Counter[str], int]:
+    """How many times each input (by ``record_key``) is recorded in a JSONL output, and the byte length of its
+    complete lines (for resuming). A missing file has none; a torn last line (an interrupted write) is left out.
+    """
+    done: Counter[str] = Counter()
     good = 0
+    if not path.exists():
+        return done, good
     with path.open("rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if not line.endswith(b"\n"):
                 break  # an interrupted write: drop the partial line
             try:
-                done.add(json.loads(line)["path"])
+                record = json.loads(line)
+                key = record_key(record)
             except (ValueError, KeyError, TypeError):
-                break
+                raise NumclipError(f"{path} line {number} is not a numclip record: --skip-existing appends only "
+                                   f"to numclip's own JSON lines output") from None
+            if _first_of_input(record):
+                done[key] += 1
             good += len(line)
     return done, good
 
 
+def remaining(paths: list[str], done: Counter[str]) -> list[str]:
+    """The inputs still to do, in order: an input listed k times with j records gets k - j more."""
+    left = Counter(done)
+    todo = []
+    for path in paths:
+        key = path_key(path)
+        if left[key] > 0:
+            left[key] -= 1
+        else:
+            todo.append(path)
+    return todo
+
+
 @contextlib.contextmanager
 def appending(path: Path, keep_bytes: int) -> Iterator[IO[str]]:
-    """Cut a JSONL output back to its first ``keep_bytes`` (its complete records) and open it to add records.
+    """Cut a JSONL output back to its first ``keep_bytes`` (its complete records; the file is created if missing)
+    and open it to add records in place, so that every flushed record survives even a kill -9.
 
     If the disk fills up meanwhile, the file is cut back to its last complete record again, so that
     ``--skip-existing`` can resume it once there is room.
     """
-    with path.open("r+b") as handle:
-        handle.truncate(keep_bytes)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        os.ftruncate(fd, keep_bytes)
+    finally:
+        os.close(fd)
+    remove_stale_temps(final_path(path))  # left by an earlier run that was killed while rewriting the file
     try:
         with path.open("a", encoding="utf-8", newline="") as handle:
             yield handle
@@ -137,6 +180,6 @@ def appending(path: Path, keep_bytes: int) -> Iterator[IO[str]]:
         if not no_space(exc):
             raise
         with path.open("r+b") as handle:
-            handle.truncate(done_paths(path)[1])
+            handle.truncate(done_inputs(path)[1])
         raise NumclipError(f"no space left while adding to {path} ({os.strerror(exc.errno)}); its complete "
                            f"records are kept: free some space and rerun with --skip-existing") from exc

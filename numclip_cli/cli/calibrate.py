@@ -24,6 +24,7 @@ from numclip_cli.cli.common import (
 
 @handle_errors
 def calibrate(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(
         "--checkpoint", help="The numclip .safetensors checkpoint to calibrate (rewritten in place unless --out).",
         show_default=False)],
@@ -55,9 +56,13 @@ def calibrate(
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.checkpoint import load_model, write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
+    # outputs are checked and locked before any work, until the command ends
+    ctx.with_resource(claim_outputs(
+        ("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     model, backbone, ckpt = load_model(checkpoint, dev)

@@ -35,6 +35,7 @@ from numclip_cli.cli.common import (
 
 @handle_errors
 def predict(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(
         help="Image files, directories, globs, or '-' to read newline-separated paths from stdin.",
         show_default=False)],
@@ -47,9 +48,12 @@ def predict(
         "--format", help="table, jsonl or csv (default: table on a terminal, else jsonl; "
                          "with --output, from its suffix).")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write results to FILE atomically (temp file + rename) instead of stdout.")] = None,
+        "--output", "-o", help="Write results to FILE instead of stdout: atomically (temp file + rename; a symlink "
+                                "is written through), or straight into a device or FIFO.")] = None,
     skip_existing: Annotated[bool, typer.Option(
-        "--skip-existing", help="With --output FILE.jsonl: skip inputs already in FILE and append.")] = False,
+        "--skip-existing", help="With --output FILE.jsonl: write records straight into FILE (resumable after any "
+                                "interruption) and skip inputs it already holds (same file = same resolved path; "
+                                "an input listed twice gets two records).")] = False,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     fast: Annotated[bool, typer.Option(
@@ -75,8 +79,11 @@ def predict(
 ) -> None:
     """Predict a number for every image (e.g. `numclip predict face.jpg --task age`)."""
     prepare(offline, verbose)
+    from numclip_cli.calibration import NEEDS_CALIBRATION, check_coverage, prediction_settings
     from numclip_cli.errors import NumclipError, UsageError
-    from numclip_cli.inputs import expand_inputs, parse_shard, take_shard
+    from numclip_cli.faces import face_crops, resolve_mode
+    from numclip_cli.inputs import parse_shard
+    from numclip_cli.locking import claim_outputs
     from numclip_cli.writers import FORMATS
 
     fmt = output_format or _default_format(output)
@@ -84,23 +91,24 @@ def predict(
         raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if skip_existing and (output is None or fmt != "jsonl"):
         raise UsageError("--skip-existing needs --output FILE with --format jsonl")
-    all_paths = expand_inputs(paths, stdin=sys.stdin, recursive=recursive, null=null)
-    if shard:
-        all_paths = take_shard(all_paths, *parse_shard(shard))
-    if not all_paths:
-        raise NumclipError("no inputs found")
-
-    from numclip_cli.calibration import NEEDS_CALIBRATION, check_coverage, prediction_settings
-
+    shard_at = parse_shard(shard) if shard else None
     if coverage is not None:  # fail before loading a model
         check_coverage(coverage)
         if checkpoint is None:
             raise UsageError(NEEDS_CALIBRATION)
-    from numclip_cli.faces import face_crops, resolve_mode
-
     if faces is not None:  # an explicit --faces does not depend on the task: check it before loading a model
         resolve_mode(faces, "none")
+    # checked and locked before any work; the lock is released when the command ends
+    ctx.with_resource(claim_outputs(("--output", output)))
+    if skip_existing and not _regular_or_missing(output):
+        raise UsageError(f"--skip-existing needs a regular file as --output, not {output}")
     reporter = Reporter(quiet, verbose)
+    all_paths, resume_at = _inputs_to_do(paths, recursive, null, shard_at, output if skip_existing else None,
+                                         reporter)
+    if not all_paths:  # success with an empty, valid output (cut back to its complete records when resuming)
+        with _sink(output, resume_at):
+            pass
+        raise typer.Exit(EXIT_OK)
     dev = announce_device(device, reporter)
     from numclip_cli.session import open_session
 
@@ -111,19 +119,44 @@ def predict(
         reporter.warn(message)
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
-    counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
+    counts, stopped = _run(session, calibration, all_paths, fmt, output, resume_at, batch_size, workers,
                            reporter, fast, face_crops(face_mode, _margin(face_margin, session)))
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
         raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
         raise typer.Exit(EXIT_SIGINT if isinstance(stopped, KeyboardInterrupt) else EXIT_SIGTERM)
     ok, failed = counts
-    if ok == 0 and failed == 0:
-        reporter.info("nothing to do: every input is already in the output")
-        raise typer.Exit(EXIT_OK)
     if failed:
         reporter.warn(f"{failed} of {ok + failed} input(s) could not be used (see their error records)")
     raise typer.Exit(EXIT_FAILED if ok == 0 else EXIT_PARTIAL if failed else EXIT_OK)
+
+
+def _inputs_to_do(args: list[str], recursive: bool, null: bool, shard_at: tuple[int, int] | None,
+                  resuming: Path | None, reporter: Reporter) -> tuple[list[str], int | None]:
+    """The inputs this run predicts, in order (its shard, minus those ``resuming`` already holds), and where
+    appending to ``resuming`` starts. An empty shard or a finished output is said on stderr, not an error."""
+    from numclip_cli.errors import NumclipError
+    from numclip_cli.inputs import STDIN, expand_inputs, take_shard
+    from numclip_cli.writers import done_inputs, remaining
+
+    if STDIN in args and sys.stdin is not None and sys.stdin.isatty():
+        reporter.info("reading paths from stdin (one per line; Ctrl-D to end)")
+    paths = expand_inputs(args, stdin=sys.stdin, recursive=recursive, null=null)
+    if not paths:
+        raise NumclipError("no inputs found" + _subfolder_hint(args, recursive))
+    if shard_at:
+        total = len(paths)
+        paths = take_shard(paths, *shard_at)
+        if not paths:  # more shards than inputs: an array job's spare task succeeds with an empty output
+            reporter.info(f"shard {shard_at[0]}/{shard_at[1]} has no inputs ({total} input(s) in all)")
+    if resuming is None:
+        return paths, None
+    done, resume_at = done_inputs(resuming)
+    if paths and done:
+        paths = remaining(paths, done)
+        if not paths:
+            reporter.info("nothing to do: every input is already in the output")
+    return paths, resume_at
 
 
 def _margin(requested: float | None, session) -> float:
@@ -136,29 +169,52 @@ def _margin(requested: float | None, session) -> float:
     return float(trained.get("face_margin", DEFAULT_MARGIN))
 
 
+def _subfolder_hint(args: list[str], recursive: bool) -> str:
+    """Why a folder gave no inputs, when its images may sit in sub-folders."""
+    import os
+
+    if recursive:
+        return ""
+    for arg in args:
+        if os.path.isdir(arg):
+            with os.scandir(arg) as entries:
+                if any(entry.is_dir() for entry in entries):
+                    return f" ({arg} has sub-folders: add --recursive)"
+    return ""
+
+
+def _regular_or_missing(path: Path) -> bool:
+    from numclip_cli.atomic import is_stream, target_mode
+
+    mode = target_mode(path)
+    return mode is None or not is_stream(mode)
+
+
 def _default_format(output: Path | None) -> str:
     if output is not None:
         return "csv" if output.suffix.lower() == ".csv" else "jsonl"
     return "table" if sys.stdout.isatty() else "jsonl"
 
 
-def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, workers, reporter, fast=False,
-         crops=None):
-    """Stream records into the chosen sink; an interrupt keeps every complete record and is returned."""
+def _sink(output: Path | None, resume_at: int | None):
+    """Where records go: appended in place after the first ``resume_at`` bytes (``--skip-existing``, resumable),
+    an atomic rewrite of ``output``, or stdout."""
     import contextlib
 
     from numclip_cli.atomic import atomic_open
-    from numclip_cli.predictor import Predictor, worker_died
-    from numclip_cli.writers import appending, done_paths, make_writer
+    from numclip_cli.writers import appending
 
-    if skip_existing and output.exists():
-        done, good_bytes = done_paths(output)
-        paths = [p for p in paths if p not in done]
-        sink = appending(output, good_bytes)
-    elif output is not None:
-        sink = atomic_open(output, "w", encoding="utf-8", newline="")
-    else:
-        sink = contextlib.nullcontext(sys.stdout)
+    if resume_at is not None:
+        return appending(output, resume_at)
+    if output is not None:
+        return atomic_open(output, "w", encoding="utf-8", newline="")
+    return contextlib.nullcontext(sys.stdout)
+
+
+def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None):
+    """Stream records into their sink (see ``_sink``); an interrupt keeps every complete record and is returned."""
+    from numclip_cli.predictor import Predictor, worker_died
+    from numclip_cli.writers import make_writer
 
     temperature, conformal = calibration
     predictor = Predictor(session.model, next(session.model.parameters()).device, temperature, conformal, fast,
@@ -166,6 +222,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
     ok = failed = 0
     stopped: BaseException | None = None
     # the stop handler spans the commit too: a signal then waits until the file is complete
+    sink = _sink(output, resume_at)
     with stop_at_safe_points(reporter.quiet) as stop, sink as stream, reporter.progress() as progress:
         writer = make_writer(fmt, stream, session.task.bin_names, session.task.unit)
         bar = progress.add_task("predict", total=len(paths), status="")

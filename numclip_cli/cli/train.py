@@ -36,6 +36,7 @@ FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move 
 
 @handle_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data", help="Folder per label, CSV/TSV (path,label) or a "
                                        "'<path> <label>' list.", show_default=False)],
     task: TaskOpt = None,
@@ -89,6 +90,7 @@ def train(
     from numclip_cli.datasets import load_samples, split_validation
     from numclip_cli.distributed import init_world, launched_by_torchrun
     from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import default_workers
     from numclip_cli.session import default_pretrained
     from numclip_cli.tasks import get_task
@@ -96,6 +98,9 @@ def train(
 
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
     world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
+    # outputs are checked, and locked by the rank that writes them, before any work, until the command ends
+    ctx.with_resource(claim_outputs(
+        ("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out), lock=world.is_main))
     reporter = Reporter(quiet or not world.is_main, verbose)
     steps = parse_milestones(milestones, epochs)
     spec = get_task(task or _task_beside(data))

@@ -14,7 +14,7 @@ from numclip_cli.cli.common import QuietOpt, Reporter, VerboseOpt, handle_errors
 def synth(
     kind: Annotated[str, typer.Argument(
         help="Generator: dots (count), fill (bar level), size (square size) or photo (haze level on real "
-             "photographs; needs numclip\\[photos]).")],
+             "photographs; needs numclip[photos]).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder per label).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, split, i).")] = 0,

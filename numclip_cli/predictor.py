@@ -247,7 +247,7 @@ class Predictor:
         probable bin) and ``value_bin`` (the bin that contains ``value``). They differ only when the
         probabilities are spread: the fine value weighs every bin, so 0.55 on "teenager" and 0.45 on "middle
         adult" gives about 31 years, a "young adult". Non-finite outputs become an error record."""
-        if not all(math.isfinite(number) for number in _numbers(row.values())):
+        if not all(math.isfinite(number) for number in _numbers(row.get(key, 0.0) for key in _RECORDED)):
             return {"path": path, "status": "error", "error": NON_FINITE}
         names = self.task.bin_names
         probs = row["probs"]
@@ -267,6 +267,8 @@ class Predictor:
 
 
 NON_FINITE = "model produced a non-finite value (NaN/inf)"
+# outputs that reach a record (bin logits may be −inf legitimately: a bin holding no rank has probability 0)
+_RECORDED = ("value", "value_max", "probs", "expected_bin", "interval_low", "interval_high")
 
 
 def _numbers(values: Iterable[Any]) -> Iterator[float]:

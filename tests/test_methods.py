@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from numclip_cli.backbone import load_backbone
-from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, write_checkpoint
+from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, read_checkpoint, write_checkpoint
 from numclip_cli.datasets import load_samples
 from numclip_cli.losses import ordinal_pairwise_loss, ordinalclip_kl
 from numclip_cli.model.methods import METHODS, Output, RankModel, create_model
@@ -283,6 +283,22 @@ def test_context_is_trained_by_default_where_the_method_or_task_says(method: str
     forced = Trainer(fresh_backbone(), task, TrainConfig(method=method, epochs=1, tune_context=False),
                      torch.device("cpu"))
     assert "context" not in {group["name"] for group in forced.optimizer.param_groups}
+
+
+@pytest.mark.parametrize(("select", "best_epoch"), [("mae", 2), ("mae_levels", 1)])
+def test_checkpoint_is_selected_on_the_tasks_metric(select: str, best_epoch: int, dots_samples, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """Epoch 1 has the better level MAE, epoch 2 the better MAE in the task unit: the spec's ``select`` decides."""
+    task = dataclasses.replace(task_spec("dots"), select=select)
+    trainer = Trainer(fresh_backbone(), task, TrainConfig(epochs=2, workers=0), torch.device("cpu"))
+    scores = iter([{"mae": 1.0, "mae_levels": 0.5}, {"mae": 0.5, "mae_levels": 0.9}])
+    monkeypatch.setattr(trainer, "train_epoch", lambda samples, epoch, on_step: (0.0, 0))
+    monkeypatch.setattr(trainer, "evaluate", lambda samples: next(scores))
+    out = tmp_path / "best.safetensors"
+    result = trainer.fit(dots_samples, dots_samples, out)
+    assert result.best_epoch == best_epoch
+    stored = read_checkpoint(out).train
+    assert (stored["select"], stored["best_epoch"], stored["epoch"]) == (select, best_epoch, best_epoch)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -1,4 +1,5 @@
-"""Ordinal methods over one CLIP backbone (method.md §1–§4), registered by their ``--method`` name.
+"""Ordinal methods over one CLIP backbone, registered by their ``--method`` name (equations and every departure
+from the papers: docs/methods.md).
 
 - ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,

@@ -192,6 +192,9 @@ def few_shot(samples: Samples, task: TaskSpec, shots: int, seed: int) -> tuple[S
     """
     if shots < 1:
         raise DataError(f"--shots must be at least 1, got {shots}")
+    if not task.rank_values():
+        raise DataError(f"task {task.name!r} has no integer in its range to draw shots per rank: "
+                        f"set ranks = \"bins\" in its spec to draw them per bin")
     by_rank: dict[int, list[int]] = {}
     for index, value in enumerate(samples.values):
         by_rank.setdefault(task.rank_index(value), []).append(index)

@@ -73,7 +73,7 @@ def _test_batches(samples: Samples, task: TaskSpec, transform: Callable) -> Data
 def evaluate(model: OrdinalModel, samples: Samples, transform: Callable, device: torch.device) -> dict[str, float]:
     """Test metrics of a model through the ``predict`` path (text features computed once)."""
     predictor = Predictor(model, device)
-    parts: dict[str, list[torch.Tensor]] = {"value": [], "value_max": [], "probs": [], "target": [], "bin": []}
+    parts: dict[str, list[torch.Tensor]] = {"value": [], "value_max": [], "probs": [], "target": []}
     for batch in _test_batches(samples, model.task, transform):
         if "images" not in batch:
             continue
@@ -82,9 +82,8 @@ def evaluate(model: OrdinalModel, samples: Samples, transform: Callable, device:
             if name in pred:
                 parts[name].append(pred[name])
         parts["target"].append(batch["values"])
-        parts["bin"].append(batch["bins"])
     out = {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
-    return metrics.summarize(out["value"], out["target"], out["probs"], out["bin"], value_max=out.get("value_max"))
+    return metrics.summarize(model.task, out["value"], out["target"], out["probs"], value_max=out.get("value_max"))
 
 
 def median_row(kind: str, train: Samples, test: Samples, task: TaskSpec) -> dict[str, Any]:

@@ -171,16 +171,50 @@ def collate_labelled(items: list) -> dict[str, torch.Tensor] | None:
             "skipped": torch.tensor(skipped)}
 
 
-def train_transform(preprocess_cfg: dict) -> Callable:
-    """The reference augmentation (Resize 256 → RandomCrop 224 → HFlip), scaled to the backbone's input size."""
+def train_transform(preprocess_cfg: dict, augment: bool = True) -> Callable:
+    """Training preprocessing with the geometry of ``predict``'s: open_clip's evaluation transform for the same
+    config, with its centre crop made random and a horizontal flip added.
+
+    The zoom is the one the model sees at prediction time (shortest side resized to the input size); the crop
+    only slides along the longer side, so square images are augmented by the flip alone. The NumCLIP reference
+    crops 224 from 256 for training *and* evaluation; numclip evaluates with open_clip's resize-to-224 centre
+    crop, so training resizes to 224 as well instead of zooming 14 % further in. ``augment=False`` gives
+    exactly the evaluation transform.
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
     from torchvision import transforms
 
-    size = preprocess_cfg["size"]
-    size = int(size[0] if isinstance(size, list | tuple) else size)
-    return transforms.Compose([
-        transforms.Resize(round(size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomCrop(size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"]),
-    ])
+    known = PreprocessCfg.__dataclass_fields__
+    cfg = PreprocessCfg(**{key: value for key, value in preprocess_cfg.items() if key in known})
+    steps = list(image_transform_v2(cfg, is_train=False).transforms)
+    if augment:
+        # a flip commutes with the resize and the centred crop or pad of every resize mode, so it can go first
+        steps = [transforms.RandomHorizontalFlip(),
+                 *(transforms.RandomCrop(step.size) if isinstance(step, transforms.CenterCrop) else step
+                   for step in steps)]
+    return transforms.Compose(steps)
+
+
+def few_shot(samples: Samples, task: TaskSpec, shots: int, seed: int) -> tuple[Samples, Samples, list[str]]:
+    """``shots`` images per rank (per bin for ``ranks = "bins"`` tasks), drawn at random with ``seed``.
+
+    Returns the drawn images, the rest (untouched, in their order: validation comes from there) and the names of
+    the ranks that had fewer images than ``shots`` (all of theirs are drawn).
+    """
+    if shots < 1:
+        raise DataError(f"--shots must be at least 1, got {shots}")
+    if not task.rank_values():
+        raise DataError(f"task {task.name!r} has no integer in its range to draw shots per rank: "
+                        f"set ranks = \"bins\" in its spec to draw them per bin")
+    by_rank: dict[int, list[int]] = {}
+    for index, value in enumerate(samples.values):
+        by_rank.setdefault(task.rank_index(value), []).append(index)
+    rng = random.Random(seed)
+    drawn: list[int] = []
+    for rank in sorted(by_rank):
+        drawn.extend(rng.sample(by_rank[rank], min(shots, len(by_rank[rank]))))
+    names = task.rank_names()
+    short = [names[rank] for rank in range(len(names)) if len(by_rank.get(rank, ())) < shots]
+    taken = set(drawn)
+    return (samples.subset(sorted(drawn), f"{samples.source} ({shots} per rank)"),
+            samples.subset([i for i in range(len(samples)) if i not in taken], samples.source), short)

@@ -5,12 +5,17 @@ samples and returns a Python float (the two readouts return tensors). ``probs`` 
 rows over ordered bins.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from numclip_cli.tasks import TaskSpec
 
 TensorLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[Any]
 
@@ -198,25 +203,51 @@ def ece(probs: TensorLike, true_index: TensorLike, n_bins: int = 15) -> float:
 
 
 def summarize(
-    value_exp: TensorLike,
+    task: TaskSpec,
+    value: TensorLike,
     target: TensorLike,
     probs: TensorLike,
-    true_index: TensorLike,
     value_max: TensorLike | None = None,
 ) -> dict[str, float]:
-    """Headline metrics: MAE of the expectation (and argmax, if given) readout, accuracy, 1-off, QWK, RPS.
+    """Held-out metrics in the units the papers report, for ``train``, ``calibrate`` and ``bench``.
 
-    >>> out = summarize([1.0, 2.0], [1.0, 3.0], [[0.9, 0.1, 0.0], [0.0, 0.6, 0.4]], [0, 2])
-    >>> {name: round(value, 4) for name, value in out.items()}
-    {'mae': 0.5, 'accuracy': 0.5, 'one_off': 1.0, 'qwk': 0.6667, 'rps': 0.0925}
+    * ``mae`` of the fine value in the task unit (``mae_max``: the argmax readout of rank methods);
+    * ``mae_levels`` of the expected bin index Σ p_k·k against the true bin index, in level units (what the
+      HCI and aesthetics papers call MAE), and ``mae_levels_max`` of the most probable bin;
+    * ``accuracy`` of the most probable bin: exact-level accuracy for 5-level tasks, coarse-bin accuracy for
+      age (what the NumCLIP reference calls age accuracy); ``rank_accuracy``: the fine value's nearest integer
+      rank is the label's (for ``ranks = "bins"`` tasks it is ``accuracy``);
+    * ``one_off`` and ``qwk`` of the most probable bin, ``rps`` of the bin probabilities;
+    * ``cs@L`` (share of fine values within L of the label) for every L of the task's ``cs_at``.
+
+    >>> from numclip_cli.tasks import task_from_dict
+    >>> bins = [{"name": n, "low": low, "high": low + 1} for n, low in (("a", 0), ("b", 2), ("c", 4))]
+    >>> task = task_from_dict({"name": "t", "prompt": "{}", "cs_at": [1], "bins": bins})
+    >>> out = summarize(task, [1.0, 2.6], [1.0, 4.0], [[0.9, 0.1, 0.0], [0.0, 0.6, 0.4]])
+    >>> {name: round(value, 4) for name, value in out.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'mae': 0.7, 'mae_levels': 0.35, 'mae_levels_max': 0.5, 'accuracy': 0.5, 'rank_accuracy': 0.5,
+     'one_off': 1.0, 'qwk': 0.6667, 'rps': 0.0925, 'cs@1': 0.5}
     """
-    p, t = _rows_and_index(probs, true_index)
-    pred_index = argmax_index(p)
-    out = {"mae": mae(value_exp, target)}
+    v, t = _values(value, target)
+    # the bin whose extent holds each label (tasks.TaskSpec.bin_index, vectorised)
+    boundaries = torch.tensor(task.boundaries(), dtype=torch.float64)
+    p, true_bins = _rows_and_index(probs, torch.bucketize(t, boundaries, right=True))
+    pred_bins = argmax_index(p)
+    out = {"mae": mae(v, t)}
     if value_max is not None:
-        out["mae_max"] = mae(value_max, target)
-    out["accuracy"] = accuracy(pred_index, t)
-    out["one_off"] = one_off_accuracy(pred_index, t)
-    out["qwk"] = qwk(pred_index, t, p.shape[1])
-    out["rps"] = rps(p, t)
+        out["mae_max"] = mae(value_max, t)
+    out["mae_levels"] = mae(expected_index(p), true_bins)
+    out["mae_levels_max"] = mae(pred_bins, true_bins)
+    out["accuracy"] = accuracy(pred_bins, true_bins)
+    if task.ranks == "bins":
+        out["rank_accuracy"] = out["accuracy"]
+    else:
+        ranks = torch.tensor(task.rank_values(), dtype=torch.float64)
+        nearest = (v[:, None] - ranks).abs().argmin(dim=1), (t[:, None] - ranks).abs().argmin(dim=1)
+        out["rank_accuracy"] = accuracy(*nearest)
+    out["one_off"] = one_off_accuracy(pred_bins, true_bins)
+    out["qwk"] = qwk(pred_bins, true_bins, p.shape[1])
+    out["rps"] = rps(p, true_bins)
+    for tolerance in task.cs_at:
+        out[f"cs@{tolerance:g}"] = cs_at(v, t, tolerance)
     return out

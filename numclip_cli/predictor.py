@@ -4,8 +4,9 @@ features computed once, and yield one record per input (per face with ``--faces 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,11 +243,18 @@ class Predictor:
                 yield group
 
     def _record(self, path: str, row: dict[str, Any]) -> dict[str, Any]:
+        """The record of one view: ``value`` (the fine estimate, always inside the task range), ``bin`` (the most
+        probable bin) and ``value_bin`` (the bin that contains ``value``). They differ only when the
+        probabilities are spread: the fine value weighs every bin, so 0.55 on "teenager" and 0.45 on "middle
+        adult" gives about 31 years, a "young adult". Non-finite outputs become an error record."""
+        if not all(math.isfinite(number) for number in _numbers(row.get(key, 0.0) for key in _RECORDED)):
+            return {"path": path, "status": "error", "error": NON_FINITE}
         names = self.task.bin_names
         probs = row["probs"]
         best = max(range(len(probs)), key=probs.__getitem__)
-        record = {"path": path, "status": "ok", "task": self.task.name, "value": round(row["value"], 4),
-                  "bin": names[best], "bin_index": best,
+        value = self.task.clamp(row["value"])  # already inside by construction; float rounding may not be
+        record = {"path": path, "status": "ok", "task": self.task.name, "value": round(value, 4),
+                  "bin": names[best], "bin_index": best, "value_bin": names[self.task.bin_index(value)],
                   "probs": {name: round(p, 6) for name, p in zip(names, probs, strict=True)},
                   "expected_bin": round(row["expected_bin"], 4)}
         if "value_max" in row:
@@ -256,3 +264,17 @@ class Predictor:
             record["bin_set"] = names[row["set_low"]:row["set_high"] + 1]
             record["coverage"] = self.conformal.coverage
         return record
+
+
+NON_FINITE = "model produced a non-finite value (NaN/inf)"
+# outputs that reach a record (bin logits may be −inf legitimately: a bin holding no rank has probability 0)
+_RECORDED = ("value", "value_max", "probs", "expected_bin", "interval_low", "interval_high")
+
+
+def _numbers(values: Iterable[Any]) -> Iterator[float]:
+    """Every number in a row of per-image outputs (scalars and lists of them)."""
+    for value in values:
+        if isinstance(value, list):
+            yield from value
+        else:
+            yield value

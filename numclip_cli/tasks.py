@@ -1,13 +1,24 @@
 """Task specs: what is predicted, in which unit, and the ordered concept bins (NumCLIP §3.1).
 
 A task is data, not code: built-ins live in ``task_specs/*.toml`` and users pass their own ``.toml`` or
-``.json`` file with the same fields. Bins are ordered, contiguous and non-overlapping; a label maps to the
-bin whose ``[low, high]`` range holds it (for integer-valued labels) or whose half-open range
-``[low, next.low)`` holds it (for real-valued labels between two integer edges).
+``.json`` file with the same fields. Bins are ordered, contiguous and non-overlapping.
+
+What a bin means, in one place (labels, the fine head's anchors, readouts and records all use it):
+
+* A bin **stands for** its *representative value*, the midpoint of its inclusive edges ``(low + high) / 2``:
+  "1930s" is 1934.5, "young adult" (19–34) is 26.5, the dots bin "one or two" is 1.5. For integer edges this
+  is the mean of the integers the bin holds, and the point that is never more than half the bin away from any
+  of them.
+* A value **belongs to** the bin whose *extent* holds it. Neighbouring extents meet halfway between one bin's
+  ``high`` and the next bin's ``low`` (12.5 between child 0–12 and teenager 13–18), so a real value goes to the
+  bin of its nearest edge-aligned value and every integer stays in the bin that lists it; a value exactly on
+  a boundary belongs to the upper bin. The first extent starts at the task's ``low``, the last ends at its
+  ``high``; nothing outside ``[low, high]`` belongs to any bin.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import tomllib
@@ -20,7 +31,9 @@ from numclip_cli.errors import TaskSpecError
 from numclip_cli.faces import ONE_VIEW_MODES
 
 RANK_MODES = ("integers", "bins")
+SELECT_METRICS = ("mae", "mae_levels")  # checkpoint selection: lower is better for both
 _MAX_INTEGER_RANKS = 1000
+_MAX_CS_AT = 8
 
 
 @dataclass(frozen=True)
@@ -32,8 +45,8 @@ class Bin:
     high: float
 
     @property
-    def midpoint(self) -> float:
-        """Centre of the bin; the value a bin-name label stands for."""
+    def representative(self) -> float:
+        """The value the bin stands for: the midpoint of its inclusive edges (see the module docstring)."""
         return (self.low + self.high) / 2
 
 
@@ -47,6 +60,9 @@ class TaskSpec:
     bins: tuple[Bin, ...]
     ranks: str = "integers"  # fine classes for rank-based methods: every integer in range, or the bins
     faces: str = "none"  # default --faces: "largest" crops the largest face first (numclip[face])
+    tune_context: bool = False  # numclip trains the shared prompt context by default (NumCLIP does for aesthetics)
+    select: str = "mae"  # validation metric that picks the best checkpoint: "mae" (task unit) or "mae_levels"
+    cs_at: tuple[float, ...] = (1.0,)  # tolerances L (task unit) of the reported cumulative scores CS@L
 
     @property
     def bin_names(self) -> list[str]:
@@ -68,11 +84,35 @@ class TaskSpec:
         """Largest value the task covers."""
         return self.bins[-1].high
 
+    def representatives(self) -> list[float]:
+        """The value each bin stands for, in order."""
+        return [b.representative for b in self.bins]
+
+    def boundaries(self) -> list[float]:
+        """Where neighbouring extents meet: halfway between a bin's ``high`` and the next bin's ``low``."""
+        return [(prev.high + cur.low) / 2 for prev, cur in zip(self.bins, self.bins[1:], strict=False)]
+
+    def extents(self) -> list[tuple[float, float]]:
+        """Each bin's extent ``[start, end)`` (the last one closed): every value in it belongs to the bin."""
+        edges = [self.low, *self.boundaries(), self.high]
+        return list(zip(edges, edges[1:], strict=False))
+
+    def clamp(self, value: float) -> float:
+        """``value`` moved into the task range ``[low, high]``."""
+        return min(max(value, self.low), self.high)
+
     def rank_values(self) -> list[float]:
         """The fine classes of rank-based methods, in the task unit."""
         if self.ranks == "bins":
-            return [b.midpoint for b in self.bins]
+            return self.representatives()
         return [float(v) for v in range(math.ceil(self.low), math.floor(self.high) + 1)]
+
+    def rank_index(self, value: float) -> int:
+        """Index of the rank a value counts as: its bin for ``ranks = "bins"``, else the nearest integer rank."""
+        if self.ranks == "bins":
+            return self.bin_index(value)
+        ranks = self.rank_values()
+        return min(range(len(ranks)), key=lambda i: abs(ranks[i] - value))
 
     def rank_names(self) -> list[str]:
         """The words a rank prompt uses: bin names, or the integer itself."""
@@ -81,20 +121,17 @@ class TaskSpec:
         return [str(int(v)) for v in self.rank_values()]
 
     def bin_index(self, value: float) -> int:
-        """Index of the bin that holds ``value``; raises ``ValueError`` outside the task range."""
+        """Index of the bin whose extent holds ``value``; raises ``ValueError`` outside the task range."""
         if not (self.low <= value <= self.high) or math.isnan(value):
             raise ValueError(f"{value:g} is outside the task range {self.low:g}–{self.high:g}")
-        for i in range(len(self.bins) - 1, -1, -1):
-            if value >= self.bins[i].low:
-                return i
-        raise AssertionError("unreachable: value >= low was checked")
+        return bisect.bisect_right(self.boundaries(), value)
 
     def parse_label(self, text: str) -> float:
         """A label as written in a dataset: a number ("34", "3.0") or a bin name ("1950s")."""
         text = text.strip()
         for b in self.bins:
             if text == b.name:
-                return b.midpoint
+                return b.representative
         try:
             value = float(text)
         except ValueError:
@@ -111,7 +148,7 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
     """Build and validate a TaskSpec; every problem names the offending field."""
     if not isinstance(data, dict):
         raise TaskSpecError(f"{source}: expected a table of fields, got {type(data).__name__}")
-    unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks", "faces"}
+    unknown = set(data) - {"name", "unit", "prompt", "bins", "ranks", "faces", "tune_context", "select", "cs_at"}
     if unknown:
         raise TaskSpecError(f"{source}: unknown field(s) {sorted(map(str, unknown))}")
     name = _text(data, "name", source)
@@ -125,12 +162,20 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
     faces = _text(data, "faces", source, default="none")
     if faces not in ONE_VIEW_MODES:  # 'all' changes how many records an input gives: an explicit choice only
         raise TaskSpecError(f"{source}: field 'faces' must be one of {list(ONE_VIEW_MODES)}, got {faces!r}")
+    tune_context = data.get("tune_context", False)
+    if not isinstance(tune_context, bool):
+        raise TaskSpecError(f"{source}: field 'tune_context' must be true or false, got {tune_context!r}")
+    select = _text(data, "select", source, default="mae")
+    if select not in SELECT_METRICS:
+        raise TaskSpecError(f"{source}: field 'select' must be one of {list(SELECT_METRICS)}, got {select!r}")
+    cs_at = _tolerances(data.get("cs_at", [1.0]), source)
     raw_bins = data.get("bins")
     if not isinstance(raw_bins, list) or len(raw_bins) < 2:
         raise TaskSpecError(f"{source}: field 'bins' must be a list of at least 2 bins")
     bins = tuple(_bin(raw, f"{source}: bins[{i}]") for i, raw in enumerate(raw_bins))
     _check_order(bins, source)
-    task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks, faces=faces)
+    task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks, faces=faces,
+                    tune_context=tune_context, select=select, cs_at=cs_at)
     if ranks == "integers" and math.floor(task.high) - math.ceil(task.low) + 1 > _MAX_INTEGER_RANKS:
         raise TaskSpecError(f"{source}: field 'ranks' = 'integers' gives more than {_MAX_INTEGER_RANKS} ranks")
     return task
@@ -152,6 +197,16 @@ def _number(raw: dict, field: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise TaskSpecError(f"{where}: field '{field}' must be a finite number, got {value!r}")
     return float(value)
+
+
+def _tolerances(raw: Any, source: str) -> tuple[float, ...]:
+    """The CS@L tolerances: a short list of positive numbers."""
+    if not isinstance(raw, list) or len(raw) > _MAX_CS_AT:
+        raise TaskSpecError(f"{source}: field 'cs_at' must be a list of at most {_MAX_CS_AT} numbers")
+    values = tuple(_number({"cs_at": v}, "cs_at", source) for v in raw)
+    if any(v <= 0 for v in values):
+        raise TaskSpecError(f"{source}: field 'cs_at' must hold positive numbers, got {list(values)}")
+    return values
 
 
 def _bin(raw: Any, where: str) -> Bin:

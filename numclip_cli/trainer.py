@@ -40,7 +40,7 @@ from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_acr
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.model.methods import OrdinalModel, create_model
-from numclip_cli.tasks import TaskSpec
+from numclip_cli.tasks import SELECT_METRICS, TaskSpec
 
 OPTIM_PREFIX = "optim."
 
@@ -55,8 +55,8 @@ class TrainConfig:
     lr: float = 1e-5  # prompt words, context, adapter and fine head (the reference uses 1e-5 everywhere)
     image_lr: float = 1e-5  # image tower, when tuned
     tune_image: bool = True
-    # None: the method's default (trained for coop/ordinalclip/l2rclip; frozen for numclip, as the reference
-    # does for age/decades -- it trains the context for aesthetics)
+    # None: the method's default (trained for coop/ordinalclip/l2rclip; for numclip the task's ``tune_context``,
+    # as the reference freezes it for age/decades and trains it for aesthetics)
     tune_context: bool | None = None
     milestones: tuple[int, ...] = (60,)  # MultiStep ×0.1, as the reference
     seed: int = 0
@@ -159,7 +159,7 @@ class Trainer:
         self.use_amp = config.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_epoch = 0
-        self.best_mae = math.inf
+        self.best_score = math.inf  # of the task's ``select`` metric
         self.best_epoch = -1
         self.history: list[EpochReport] = []  # epochs done before a resume
 
@@ -245,10 +245,10 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, samples: Samples) -> dict[str, float]:
-        """MAE (both readouts where they differ), accuracy, 1-off, QWK, RPS on held-out data."""
+        """``metrics.summarize`` on held-out data: MAE in the task unit and in levels, accuracies, CS@L, QWK."""
         self.model.eval()
         text = self.model.text_features()
-        values, targets, probs, bins, value_max = [], [], [], [], []
+        values, targets, probs, value_max = [], [], [], []
         for batch in self._batches(samples, train=False, epoch=0):
             if "values" not in batch:
                 continue
@@ -258,10 +258,9 @@ class Trainer:
             if out.value_max is not None:
                 value_max.append(out.value_max.float().cpu())
             targets.append(batch["values"].cpu())
-            bins.append(batch["bins"].cpu())
         if not values:
-            return {"mae": math.nan}
-        return metrics.summarize(torch.cat(values), torch.cat(targets), torch.cat(probs), torch.cat(bins),
+            return {name: math.nan for name in SELECT_METRICS}
+        return metrics.summarize(self.task, torch.cat(values), torch.cat(targets), torch.cat(probs),
                                  value_max=torch.cat(value_max) if value_max else None)
 
     def fit(self, train: Samples, val: Samples, out: Path,
@@ -276,9 +275,9 @@ class Trainer:
             skipped = round(mean_across(skipped, self.world) * self.world.size)
             report = EpochReport(epoch + 1, loss, self.evaluate(val), skipped, time.perf_counter() - started)
             history.append(report)
-            improved = report.val["mae"] < self.best_mae
+            improved = report.val[self.task.select] < self.best_score  # the task's paper metric; lower is better
             if improved:
-                self.best_mae, self.best_epoch = report.val["mae"], epoch + 1
+                self.best_score, self.best_epoch = report.val[self.task.select], epoch + 1
             if self.world.is_main:  # every rank holds the same weights; one writes them
                 if improved:
                     self._save(out, train, val, report, history, baseline, resume=False)
@@ -295,7 +294,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- checkpoints
     def _summary(self, train: Samples, val: Samples, report: EpochReport, baseline: float) -> dict[str, Any]:
         return {"numclip_version": __version__, "config": asdict(self.config), "epoch": report.epoch,
-                "best_epoch": self.best_epoch, "best_val_mae": self.best_mae, "metrics": report.val,
+                "best_epoch": self.best_epoch, "select": self.task.select, "best_val": self.best_score,
+                "metrics": report.val,
                 "baseline_median_mae": baseline,
                 "data": {"train": train.source, "val": val.source, "n_train": len(train), "n_val": len(val)}}
 
@@ -306,7 +306,7 @@ class Trainer:
         if resume:
             optim_tensors, state = _flatten_optimizer(self.optimizer.state_dict())
             tensors.update(optim_tensors)
-            state.update({"epoch": report.epoch, "best_mae": self.best_mae, "best_epoch": self.best_epoch,
+            state.update({"epoch": report.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
                           "scheduler": _jsonable(self.scheduler.state_dict()),
                           "history": [asdict(h) for h in history]})
         write_checkpoint(path, Checkpoint(tensors=tensors, task=self.task, method=self.config.method,
@@ -328,7 +328,7 @@ class Trainer:
         scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})
         self.scheduler.load_state_dict(scheduler)
         self.start_epoch = int(ckpt.resume["epoch"])
-        self.best_mae, self.best_epoch = float(ckpt.resume["best_mae"]), int(ckpt.resume["best_epoch"])
+        self.best_score, self.best_epoch = float(ckpt.resume["best_score"]), int(ckpt.resume["best_epoch"])
         self.history = [EpochReport(**report) for report in ckpt.resume.get("history", [])]
         return self.start_epoch
 

@@ -15,7 +15,7 @@ from numclip_cli.atomic import final_path, no_space, remove_stale_temps
 from numclip_cli.errors import NumclipError
 
 FORMATS = ("table", "jsonl", "csv")
-_CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "expected_bin",
+_CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "value_bin", "expected_bin",
               "interval_low", "interval_high", "bin_set", "coverage", "face_index", "face_box"]
 
 
@@ -64,7 +64,10 @@ class CsvWriter(JsonlWriter):
 
 
 class TableWriter(JsonlWriter):
-    """A rich table for people at a terminal, rendered when the run ends."""
+    """A rich table for people at a terminal, rendered when the run ends.
+
+    A value that lies in another bin than the most probable one is marked, and a footnote names that bin.
+    """
 
     def __init__(self, stream: IO[str], unit: str) -> None:
         from rich.table import Table
@@ -81,6 +84,9 @@ class TableWriter(JsonlWriter):
             self.table.add_row(record["path"], "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
             return
         value = f"{record['value']:.2f}"
+        if record["value_bin"] != record["bin"]:
+            value += f" ({record['value_bin']})†"
+            self.table.caption = "† the value lies in the bin in brackets, not in the most probable bin"
         if "interval" in record:
             low, high = record["interval"]
             value += f"  [{low:.1f}, {high:.1f}]"

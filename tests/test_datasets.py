@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from numclip_cli.datasets import LabelledImages, collate_labelled, load_samples, split_validation
+from numclip_cli.checkpoint import read_checkpoint
+from numclip_cli.datasets import (
+    LabelledImages,
+    Samples,
+    collate_labelled,
+    few_shot,
+    load_samples,
+    split_validation,
+    train_transform,
+)
 from numclip_cli.errors import DataError
-from numclip_cli.synthetic import render
+from numclip_cli.synthetic import render, task_spec, write_dataset
 from numclip_cli.tasks import get_task
 
 HCI = get_task("hci")
@@ -96,3 +109,92 @@ def test_fuzzed_lists_only_raise_data_errors(tmp_path: Path, text: str) -> None:
         load_samples(path, HCI)
     except DataError:
         pass  # the only acceptable failure: anything else (a traceback for the user) fails the test
+
+
+# ------------------------------------------------------------------- training geometry = predict geometry
+def _photos() -> dict[str, Image.Image]:
+    """Real photographs: a square one, two landscape ones and a portrait crop of one."""
+    from skimage import data
+
+    photos = {name: Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee")}
+    photos["portrait"] = photos["coffee"].crop((100, 0, 350, 400))
+    return photos
+
+
+@pytest.fixture(scope="module")
+def preprocess_cfg(tiny_backbone) -> dict:
+    """The tiny backbone's preprocessing config as a checkpoint stores it (JSON: tuples become lists)."""
+    return json.loads(json.dumps(tiny_backbone.preprocess_cfg))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "portrait"])
+def test_training_transform_without_augmentation_is_predicts(tiny_backbone, preprocess_cfg, name: str) -> None:
+    photo = _photos()[name]
+    assert torch.equal(train_transform(preprocess_cfg, augment=False)(photo), tiny_backbone.preprocess(photo))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "portrait"])
+def test_training_crops_have_predicts_zoom(tiny_backbone, preprocess_cfg, name: str) -> None:
+    """Every augmented crop is a window of the image resized exactly as predict resizes it (maybe mirrored):
+    the crop only slides along the longer side, it never zooms in."""
+    photo = _photos()[name]
+    size = tiny_backbone.image_size
+    resized = train_transform({**preprocess_cfg, "size": [size, size]}, augment=False).transforms[0](photo)
+    full = tiny_backbone.preprocess.transforms[-1](to_tensor(resized))  # normalised, the whole resized image
+    torch.manual_seed(0)
+    transform = train_transform(preprocess_cfg)
+    for _ in range(8):
+        crop = transform(photo)
+        windows = [full[:, y:y + size, x:x + size] for y in range(full.shape[1] - size + 1)
+                   for x in range(full.shape[2] - size + 1)]
+        assert any(torch.allclose(crop, w, atol=1e-6) or torch.allclose(crop.flip(-1), w, atol=1e-6)
+                   for w in windows), name
+
+
+# ------------------------------------------------------------------------------------------------ few-shot
+def _samples(values: list[float]) -> Samples:
+    return Samples([f"img{i}.png" for i in range(len(values))], values, "data")
+
+
+def test_few_shot_draws_exactly_k_per_rank_and_all_of_a_short_rank() -> None:
+    task = task_spec("dots")  # ranks 1..10
+    values = [float(v) for v in range(1, 11) for _ in range(6)] + [3.0] * 4  # rank 3 has 10 images
+    values = [v for v in values if v != 10.0] + [10.0]  # rank 10 has a single image
+    shots, rest, short = few_shot(_samples(values), task, 4, seed=0)
+    drawn = Counter(shots.values)
+    assert drawn == {**{float(v): 4 for v in range(1, 10)}, 10.0: 1}
+    assert short == ["10"]
+    assert Counter(rest.values) == Counter(values) - drawn
+
+
+def test_few_shot_per_bin_for_bin_ranked_tasks() -> None:
+    values = [1930.0 + i for i in range(10)] * 3 + [1975.0] * 5  # 1930s and 1970s only
+    shots, _, short = few_shot(_samples(values), HCI, 2, seed=1)
+    assert sorted(shots.values)[:2] < [1940.0, 1940.0] and len(shots) == 4
+    assert Counter(HCI.bin_index(v) for v in shots.values) == {0: 2, 4: 2}
+    assert short == ["1940s", "1950s", "1960s"]
+
+
+def test_few_shot_is_seeded_and_leaves_the_rest_for_validation() -> None:
+    task = task_spec("dots")
+    samples = _samples([float(1 + i % 10) for i in range(200)])
+    first, rest, _ = few_shot(samples, task, 3, seed=5)
+    again, _, _ = few_shot(samples, task, 3, seed=5)
+    other, _, _ = few_shot(samples, task, 3, seed=6)
+    assert first.paths == again.paths and first.paths != other.paths
+    assert set(first.paths).isdisjoint(rest.paths) and len(first) + len(rest) == len(samples) == 200
+    _, val = split_validation(rest, 0.1, seed=5)
+    assert set(val.paths) <= set(rest.paths) and set(val.paths).isdisjoint(first.paths)
+
+
+def test_train_shots_cli_trains_on_k_per_rank_and_validates_on_the_rest(run_cli, tmp_path: Path) -> None:
+    write_dataset("dots", tmp_path / "dots", n=60, seed=0)
+    metrics_out, out = tmp_path / "m.json", tmp_path / "m.safetensors"
+    result = run_cli(["train", "--data", tmp_path / "dots", "--model", "numclip-tiny", "--pretrained", "none",
+                      "--offline", "--device", "cpu", "--shots", "2", "--epochs", "1", "--batch-size", "8",
+                      "--val-split", "0.2", "--workers", "0", "--out", out, "--metrics-out", metrics_out])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(metrics_out.read_text())
+    assert summary["n_train"] == 20 and summary["n_val"] == round(0.2 * 40)
+    data = read_checkpoint(out).train["data"]
+    assert "2 per rank" in data["train"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from numclip_cli.backbone import load_backbone
-from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, write_checkpoint
+from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, read_checkpoint, write_checkpoint
 from numclip_cli.datasets import load_samples
 from numclip_cli.losses import ordinal_pairwise_loss, ordinalclip_kl
 from numclip_cli.model.methods import METHODS, Output, RankModel, create_model
@@ -176,6 +177,20 @@ def test_rank_method_losses_compose_ce_with_their_ordinal_terms(tiny_backbone) -
     torch.testing.assert_close(l2r["total"], l2r["ce"] + l2r["cop"])
 
 
+def test_l2rclip_pairwise_weights_use_rank_values_not_indices(tiny_backbone) -> None:
+    """Unequal bins (ranks = "bins"): W_ij = |y_i − r_j| on the bins' representative values, as the reference."""
+    task = dataclasses.replace(get_task("age"), ranks="bins")  # representatives 6, 15.5, 26.5, 49.5, 82.5
+    model = create_model("l2rclip", tiny_backbone, task)
+    z = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    text = F.normalize(torch.randn(5, 4, generator=torch.Generator().manual_seed(2)), dim=-1)
+    out = Output(logits=torch.zeros(3, 5), value=torch.zeros(3), features=z, text=text)
+    values, bins = torch.tensor([6.0, 26.5, 82.5]), torch.tensor([0, 2, 4])
+    cop = model.loss(out, values, bins)["cop"]
+    reps = torch.tensor(task.representatives())
+    torch.testing.assert_close(cop, ordinal_pairwise_loss(z, text, bins, rank_values=reps))
+    assert not torch.allclose(cop, ordinal_pairwise_loss(z, text, bins))  # what rank indices would give
+
+
 @pytest.mark.parametrize("values", [[4.0], [4.0, 4.0, 4.0]], ids=["batch-of-one", "all-equal"])
 def test_l2rclip_degenerate_batches_stay_finite(tiny_backbone, values: list[float]) -> None:
     model = create_model("l2rclip", tiny_backbone, task_spec("dots"))
@@ -226,6 +241,7 @@ def test_method_trains_round_trips_and_predicts(method: str, dots_samples, synth
     for record in records:
         assert math.isfinite(record["value"]) and task.low <= record["value"] <= task.high
         assert record["bin"] in task.bin_names and record["bin"] == task.bin_names[record["bin_index"]]
+        assert record["value_bin"] == task.bin_names[task.bin_index(record["value"])]
         assert sum(record["probs"].values()) == pytest.approx(1.0, abs=1e-4)
         assert ("value_max" in record) == rank_method
 
@@ -256,15 +272,33 @@ def test_linear_probe_encodes_each_image_once(dots_samples, tmp_path: Path, monk
     assert not trainer.tunes_image and all(not p.requires_grad for p in trainer.model.clip.parameters())
 
 
-@pytest.mark.parametrize(("method", "trained"), [("numclip", False), ("coop", True), ("l2rclip", True)])
-def test_context_is_trained_by_default_where_the_method_learns_it(method: str, trained: bool) -> None:
-    trainer = Trainer(fresh_backbone(), task_spec("dots"), TrainConfig(method=method, epochs=1),
-                      torch.device("cpu"))
+@pytest.mark.parametrize(("method", "task", "trained"), [
+    ("numclip", task_spec("dots"), False), ("numclip", get_task("age"), False), ("numclip", get_task("hci"), False),
+    ("numclip", get_task("aesthetics"), True), ("coop", task_spec("dots"), True), ("l2rclip", task_spec("dots"), True)])
+def test_context_is_trained_by_default_where_the_method_or_task_says(method: str, task, trained: bool) -> None:
+    """numclip follows the task's tune_context (the reference trains the context for aesthetics only)."""
+    trainer = Trainer(fresh_backbone(), task, TrainConfig(method=method, epochs=1), torch.device("cpu"))
     groups = {group["name"] for group in trainer.optimizer.param_groups}
     assert ("context" in groups) == trained
-    forced = Trainer(fresh_backbone(), task_spec("dots"), TrainConfig(method=method, epochs=1, tune_context=False),
+    forced = Trainer(fresh_backbone(), task, TrainConfig(method=method, epochs=1, tune_context=False),
                      torch.device("cpu"))
     assert "context" not in {group["name"] for group in forced.optimizer.param_groups}
+
+
+@pytest.mark.parametrize(("select", "best_epoch"), [("mae", 2), ("mae_levels", 1)])
+def test_checkpoint_is_selected_on_the_tasks_metric(select: str, best_epoch: int, dots_samples, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """Epoch 1 has the better level MAE, epoch 2 the better MAE in the task unit: the spec's ``select`` decides."""
+    task = dataclasses.replace(task_spec("dots"), select=select)
+    trainer = Trainer(fresh_backbone(), task, TrainConfig(epochs=2, workers=0), torch.device("cpu"))
+    scores = iter([{"mae": 1.0, "mae_levels": 0.5}, {"mae": 0.5, "mae_levels": 0.9}])
+    monkeypatch.setattr(trainer, "train_epoch", lambda samples, epoch, on_step: (0.0, 0))
+    monkeypatch.setattr(trainer, "evaluate", lambda samples: next(scores))
+    out = tmp_path / "best.safetensors"
+    result = trainer.fit(dots_samples, dots_samples, out)
+    assert result.best_epoch == best_epoch
+    stored = read_checkpoint(out).train
+    assert (stored["select"], stored["best_epoch"], stored["epoch"]) == (select, best_epoch, best_epoch)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

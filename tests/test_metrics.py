@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numclip_cli import metrics
+from numclip_cli.tasks import get_task
 
 # torch's first call can be slow; the properties themselves are cheap.
 FAST = settings(max_examples=60, deadline=None)
@@ -155,13 +156,29 @@ def test_bad_inputs_raise() -> None:
         metrics.brier([[0.5, 0.5]], [0, 1])
 
 
-def test_summarize_keys() -> None:
-    probs, true = [[0.8, 0.2], [0.3, 0.7]], [0, 1]
-    base = metrics.summarize([0.2, 0.7], [0.0, 1.0], probs, true)
-    assert list(base) == ["mae", "accuracy", "one_off", "qwk", "rps"]
-    full = metrics.summarize([0.2, 0.7], [0.0, 1.0], probs, true, value_max=[0.0, 1.0])
-    assert full["mae_max"] == 0.0 and full["accuracy"] == 1.0 and full["qwk"] == 1.0
-    assert full["mae"] == pytest.approx(0.25)
+def test_summarize_reports_task_units_and_levels() -> None:
+    """HCI: MAE in years of the fine value, level MAE of Σ p_k·k (what the HCI papers report), argmax accuracy,
+    CS@L in years for the spec's tolerances; the argmax readout of rank methods adds ``mae_max``."""
+    task = get_task("hci")
+    probs = [[0.8, 0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5, 0.0]]
+    base = metrics.summarize(task, [1936.0, 1969.0], [1934.0, 1955.0], probs)
+    assert list(base) == ["mae", "mae_levels", "mae_levels_max", "accuracy", "rank_accuracy", "one_off", "qwk",
+                          "rps", "cs@5", "cs@10"]
+    assert base["mae"] == pytest.approx(8.0)  # (2 + 14) / 2 years
+    assert base["mae_levels"] == pytest.approx((0.2 + 0.5) / 2)  # expected index 0.2 vs 0, 2.5 vs 2
+    assert base["mae_levels_max"] == 0.0 and base["accuracy"] == base["rank_accuracy"] == 1.0  # ties: lower bin
+    assert (base["cs@5"], base["cs@10"]) == (0.5, 0.5)
+    full = metrics.summarize(task, [1936.0, 1969.0], [1934.0, 1955.0], probs, value_max=[1934.5, 1954.5])
+    assert full["mae_max"] == pytest.approx(0.5)
+
+
+def test_summarize_rank_accuracy_uses_the_nearest_integer_rank_of_the_fine_value() -> None:
+    """Age: ``accuracy`` is the coarse 5-bin accuracy (the reference's age accuracy), ``rank_accuracy`` exact years."""
+    task = get_task("age")
+    probs = [[0.0, 0.0, 1.0, 0.0, 0.0]] * 3
+    out = metrics.summarize(task, [30.4, 30.6, 20.0], [30.0, 30.0, 30.0], probs)
+    assert out["accuracy"] == 1.0 and out["rank_accuracy"] == pytest.approx(1 / 3)
+    assert out["cs@5"] == pytest.approx(2 / 3) and out["mae_levels"] == 0.0
 
 
 @FAST

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
+from numclip_cli.model.heads import FineRegressor
 from numclip_cli.model.methods import METHODS, NumClip, ZeroShot, create_model
-from numclip_cli.tasks import get_task, list_tasks
+from numclip_cli.synthetic import list_generators, task_spec
+from numclip_cli.tasks import TaskSpec, get_task, list_tasks
 
 BATCH = 3
 
@@ -90,13 +96,13 @@ def test_output_shapes_and_cached_text_features(tiny_backbone, batch, task_name:
 
 
 @pytest.mark.parametrize("task_name", list_tasks())
-def test_zero_shot_value_is_expected_midpoint(tiny_backbone, batch, task_name: str) -> None:
+def test_zero_shot_value_is_the_expected_representative(tiny_backbone, batch, task_name: str) -> None:
     task = get_task(task_name)
     model = create_model("zeroshot", tiny_backbone, task)
     with torch.no_grad():
         out = model(batch)
-    midpoints = torch.tensor([b.midpoint for b in task.bins])
-    torch.testing.assert_close(out.value, out.logits.softmax(-1) @ midpoints)
+    representatives = torch.tensor([(b.low + b.high) / 2 for b in task.bins])
+    torch.testing.assert_close(out.value, out.logits.softmax(-1) @ representatives)
     assert ((task.low <= out.value) & (out.value <= task.high)).all()
 
 
@@ -113,19 +119,98 @@ def test_zero_shot_logits_are_scaled_cosine_similarities(tiny_backbone, batch, t
 
 
 @pytest.mark.parametrize("task_name", list_tasks())
-def test_fine_regressor_starts_as_probability_weighted_lower_edges(tiny_backbone, batch, task_name: str) -> None:
-    """Δ ≈ 0 at init, so ŷ = low_0 + Σ p_k β_k with β_k = low_k − low_0."""
+def test_fine_regressor_starts_as_probability_weighted_representatives(tiny_backbone, batch, task_name: str) -> None:
+    """Δ ≈ 0 at init, so ŷ = Σ p_k · representative_k: the value each bin's label stands for."""
     task = get_task(task_name)
     model = create_model("numclip", tiny_backbone, task)
     with torch.no_grad():
         out = model(batch)
-        delta = model.regressor.shift(out.logits)
-    lows = torch.tensor([b.low for b in task.bins])
-    beta = lows - lows[0]
-    expected = lows[0] + out.logits.softmax(-1) @ beta
+        delta = model.regressor.delta(out.logits)
+    expected = out.logits.softmax(-1) @ torch.tensor(task.representatives())
     assert delta.abs().max() < 1e-3
-    torch.testing.assert_close(out.value, expected, atol=1e-3 * float(beta.max()), rtol=0)
+    torch.testing.assert_close(out.value, expected, atol=1e-3 * (task.high - task.low), rtol=0)
     assert ((task.low <= out.value) & (out.value <= task.high)).all()
+
+
+def every_task() -> list[TaskSpec]:
+    """The built-in tasks and the synthetic ones."""
+    return [get_task(name) for name in list_tasks()] + [task_spec(kind) for kind in list_generators()]
+
+
+@pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
+def test_certain_prediction_is_the_bins_representative(tiny_backbone, task: TaskSpec) -> None:
+    """p = one-hot(k), Δ = 0: the fine head, the bin-prompt readout and the label of bin k all say the same."""
+    regressor = FineRegressor(task.extents(), task.representatives())
+    certain = torch.eye(len(task.bins))
+    values = regressor.readout(certain, torch.zeros_like(certain))
+    expected = torch.tensor([task.parse_label(name) for name in task.bin_names])
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-4 * (task.high - task.low))
+    zeroshot = create_model("zeroshot", tiny_backbone, task)
+    torch.testing.assert_close(certain @ zeroshot.representatives, expected)
+
+
+@pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
+def test_fine_head_reaches_every_value_of_the_range_and_moves_bin_zero(task: TaskSpec) -> None:
+    """Certain of bin k, Δ sweeps the anchor over a span inside k's extent; the spans start at the task's low
+    end, end at its high end and follow each other, so mixing neighbours reaches every value in between. Bin 0
+    is not pinned (the reference's β₀ = 0 kept it at low₀ whatever Δ)."""
+    regressor = FineRegressor(task.extents(), task.representatives())
+    certain = torch.eye(len(task.bins))
+    low_end = regressor.readout(certain, regressor.stretch(torch.ones_like(certain)))
+    high_end = regressor.readout(certain, regressor.stretch(-torch.ones_like(certain)))
+    reps = torch.tensor(task.representatives())
+    assert (low_end < high_end).all() and (low_end <= reps).all() and (reps <= high_end).all()
+    assert low_end[0].item() == pytest.approx(task.low, abs=1e-4) and high_end[-1].item() == pytest.approx(task.high)
+    assert (low_end[1:] > high_end[:-1]).all()  # ordered spans: the gaps between them are reached by mixing
+    for k, (start, end) in enumerate(task.extents()):
+        assert start - 1e-4 <= low_end[k] and high_end[k] <= end + 1e-4
+
+
+@st.composite
+def confident(draw: st.DrawFn, num_bins: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A bin k, probabilities with ≥ 0.9 on k and the rest on its neighbours, and any tanh output t ∈ [−1, 1]."""
+    k = draw(st.integers(0, num_bins - 1))
+    top = draw(st.floats(0.9, 1.0))
+    below = draw(st.floats(0, 1)) if 0 < k < num_bins - 1 else float(k == num_bins - 1)
+    probs = torch.zeros(num_bins, dtype=torch.float64)
+    probs[k] = top
+    if k > 0:
+        probs[k - 1] = (1 - top) * below
+    if k < num_bins - 1:
+        probs[k + 1] = (1 - top) * (1 - below)
+    t = torch.tensor(draw(st.lists(st.floats(-1, 1), min_size=num_bins, max_size=num_bins)))
+    return k, probs.float(), t.float()
+
+
+@pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_confident_prediction_lands_inside_its_bin(task: TaskSpec, data: st.DataObject) -> None:
+    """≥ 0.9 on bin k (the rest on its neighbours), any Δ the head can produce: the value lies in bin k's extent."""
+    k, probs, t = data.draw(confident(len(task.bins)))
+    regressor = FineRegressor(task.extents(), task.representatives())
+    value = regressor.readout(probs[None], regressor.stretch(t)[None]).item()
+    start, end = task.extents()[k]
+    slack = 1e-5 * (task.high - task.low)  # float32
+    assert start - slack <= value <= end + slack, (k, probs, t, value)
+
+
+@pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(logits=st.lists(st.floats(-1e30, 1e30), min_size=5, max_size=5), weight=st.floats(-1e4, 1e4))
+def test_fine_value_is_finite_and_in_range_for_any_logits_and_saturated_shift(task: TaskSpec, logits: list[float],
+                                                                                weight: float) -> None:
+    """Huge logits and a saturated tanh (Δ at its bound, the reference's 0/0 at Δ = −1) give a finite value in
+    the task range."""
+    regressor = FineRegressor(task.extents(), task.representatives())
+    with torch.no_grad():
+        for layer in regressor.shift:
+            if isinstance(layer, nn.Linear):
+                layer.weight.fill_(weight)
+                layer.bias.fill_(-weight)
+        value = regressor(torch.tensor([logits[:len(task.bins)]])).item()
+    slack = 1e-5 * (task.high - task.low)
+    assert math.isfinite(value) and task.low - slack <= value <= task.high + slack
 
 
 def test_gradients_reach_prompts_and_heads_but_not_the_frozen_text_tower(tiny_backbone, batch) -> None:

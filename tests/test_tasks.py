@@ -79,8 +79,8 @@ def test_every_built_in_task_is_consistent(name: str) -> None:
     for i, b in enumerate(task.bins):
         assert task.bin_index(b.low) == i
         assert task.bin_index(b.high) == i
-        assert task.bin_index(b.midpoint) == i
-        assert task.parse_label(b.name) == b.midpoint
+        assert task.bin_index(b.representative) == i
+        assert task.parse_label(b.name) == b.representative == (b.low + b.high) / 2
     ranks = task.rank_values()
     assert ranks == sorted(ranks) and task.low <= ranks[0] and ranks[-1] <= task.high
     assert len(task.rank_names()) == len(ranks)
@@ -90,11 +90,13 @@ def test_every_built_in_task_is_consistent(name: str) -> None:
 @pytest.mark.parametrize(("value", "expected"), [
     (0, "child"),  # the reference code put label 0 into the last bin
     (12, "child"),
-    (12.5, "child"),  # real values between integer edges belong to the lower bin
+    (12.49, "child"),  # real values between integer edges: extents meet halfway, at 12.5
+    (12.5, "teenager"),  # a value on a boundary belongs to the upper bin
     (13, "teenager"),
     (18, "teenager"),
     (19, "young adult"),
-    (34.9, "young adult"),
+    (34.4, "young adult"),
+    (34.6, "middle adult"),
     (64, "middle adult"),
     (65, "older adult"),
     (100, "older adult"),
@@ -160,10 +162,58 @@ def test_user_spec_from_toml_and_json(tmp_path: Path) -> None:
     assert from_toml.rank_values() == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def test_ranks_bins_mode_uses_midpoints() -> None:
+def test_ranks_bins_mode_uses_representatives() -> None:
     task = task_from_dict(spec(ranks="bins"))
     assert task.rank_values() == [1.0, 2.5, 4.5]
     assert task.rank_names() == task.bin_names
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_extents_cover_the_range_and_hold_every_listed_value(name: str) -> None:
+    """Extents tile [low, high] without gaps; each holds its bin's representative and every value it lists."""
+    task = get_task(name)
+    extents = task.extents()
+    assert extents[0][0] == task.low and extents[-1][1] == task.high
+    assert all(prev[1] == cur[0] for prev, cur in zip(extents, extents[1:], strict=False))
+    for i, (b, (start, end)) in enumerate(zip(task.bins, extents, strict=True)):
+        assert start <= b.low <= b.representative <= b.high <= end
+        assert task.bin_index(start) == i and task.bin_index(math.nextafter(end, -math.inf)) == i
+
+
+@FUZZ
+@given(st.floats(0, 100))
+def test_bin_index_is_the_bin_of_the_nearest_listed_value(value: float) -> None:
+    """For integer edges a real value belongs to the bin that lists its nearest integer (halves round up)."""
+    task = get_task("age")
+    nearest = math.floor(value + 0.5)
+    assert task.bin_index(value) == next(i for i, b in enumerate(task.bins) if b.low <= nearest <= b.high)
+
+
+def test_clamp_keeps_values_in_the_task_range() -> None:
+    task = get_task("aesthetics")
+    assert [task.clamp(v) for v in (-3.0, 1.0, 4.2, 5.0, 7.5)] == [1.0, 1.0, 4.2, 5.0, 5.0]
+
+
+@pytest.mark.parametrize(("name", "tune_context", "select"), [
+    ("age", False, "mae"), ("hci", False, "mae_levels"), ("aesthetics", True, "mae_levels")])
+def test_built_ins_state_context_training_and_selection_metric(name: str, tune_context: bool, select: str) -> None:
+    """As the reference trains: context frozen for age and HCI, trained for aesthetics; selection on the paper's
+    metric (years for age, level MAE for the 5-level tasks)."""
+    task = get_task(name)
+    assert (task.tune_context, task.select) == (tune_context, select)
+
+
+def test_user_specs_default_to_frozen_context_mae_and_cs_at_1() -> None:
+    task = task_from_dict(VALID)
+    assert (task.tune_context, task.select, task.cs_at) == (False, "mae", (1.0,))
+    custom = task_from_dict(spec(tune_context=True, select="mae_levels", cs_at=[0.5, 2]))
+    assert (custom.tune_context, custom.select, custom.cs_at) == (True, "mae_levels", (0.5, 2.0))
+    assert task_from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+
+
+def test_rank_index_is_the_bin_or_the_nearest_integer() -> None:
+    assert [get_task("age").rank_index(v) for v in (0, 3.4, 3.6, 100)] == [0, 3, 4, 100]
+    assert [get_task("hci").rank_index(v) for v in (1930, 1944.5, 1979)] == [0, 1, 4]
 
 
 # (spec, words the message must contain: the offending field, and where it is)
@@ -194,6 +244,11 @@ MALFORMED: dict[str, tuple[Any, list[str]]] = {
     "bad ranks": (spec(ranks="decimals"), ["'ranks'"]),
     "too many integer ranks": (with_bins(("low", 0, 5000), ("high", 5001, 10000)), ["'ranks'"]),
     "not a table": ([VALID], ["table"]),
+    "tune_context not a boolean": (spec(tune_context="yes"), ["'tune_context'"]),
+    "unknown select metric": (spec(select="accuracy"), ["'select'"]),
+    "cs_at not a list": (spec(cs_at=5), ["'cs_at'"]),
+    "cs_at not positive": (spec(cs_at=[1, 0]), ["'cs_at'"]),
+    "cs_at not numbers": (spec(cs_at=["five"]), ["'cs_at'"]),
 }
 
 

@@ -44,7 +44,8 @@ def test_learns_well_below_the_median_baseline(dots: Path, tmp_path: Path) -> No
     baseline, mae = summary["baseline_median_mae"], summary["val"]["mae"]
     assert 2.0 < baseline < 2.8  # dots 1..10 uniform: predicting the median is off by ~2.5 on average
     assert mae <= 0.5 * baseline, (mae, baseline)
-    assert read_checkpoint(out).train["best_val_mae"] == pytest.approx(mae)
+    train = read_checkpoint(out).train
+    assert train["select"] == "mae" and train["best_val"] == pytest.approx(mae)  # dots: selected on MAE
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,10 @@ def train(
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
                                              "when --val is not given (seeded; between 0 and 1).")] = 0.1,
+    shots: Annotated[int | None, typer.Option(
+        "--shots", min=1, help="Few-shot: train on K images per rank (per bin for tasks with ranks = \"bins\"), "
+        "drawn at random with --seed; without --val, validation is the --val-split share of the other images.",
+        show_default=False)] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
     lr: Annotated[float | None, typer.Option(
@@ -60,7 +64,8 @@ def train(
                                              help="Fine-tune the image tower (the reference does).")] = True,
     tune_context: Annotated[bool | None, typer.Option(
         "--tune-context/--freeze-context", help="Train the shared prompt context too (default: on for coop, "
-        "ordinalclip and l2rclip, off for numclip).", show_default=False)] = None,
+        "ordinalclip and l2rclip; for numclip the task's tune_context, on for aesthetics only).",
+        show_default=False)] = None,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
                                             "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
@@ -87,7 +92,7 @@ def train(
 
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.backbone import DEFAULT_MODEL
-    from numclip_cli.datasets import load_samples, split_validation
+    from numclip_cli.datasets import few_shot, load_samples, split_validation
     from numclip_cli.distributed import init_world, launched_by_torchrun
     from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
     from numclip_cli.locking import claim_outputs
@@ -109,7 +114,14 @@ def train(
         reporter.warn(face_warning)
     spec = dataclasses.replace(spec, faces=face_mode)  # the checkpoint's task says how its images were cropped
     samples = load_samples(data, spec)
-    train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
+    if shots:
+        train_set, rest, short = few_shot(samples, spec, shots, seed)
+        if short:
+            reporter.warn(f"{len(short)} rank(s) have fewer than {shots} images (e.g. {', '.join(short[:3])}): "
+                          f"all of theirs are used")
+        val_set = load_samples(val, spec) if val else split_validation(rest, val_split, seed)[1]
+    else:
+        train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
     if milestones.strip() != "auto" and min(steps) >= epochs:
         reporter.warn(f"--milestones {milestones}: the learning rate never drops in {epochs} epoch(s)")
     if len(val_set) < FEW_VALIDATION:

@@ -30,25 +30,77 @@ def coarse_logits(image_features: torch.Tensor, text_features: torch.Tensor, sca
     return scale * image_features @ text_features.t()
 
 
-class FineRegressor(nn.Module):
-    """SSR-Net style fine head: ŷ = low_0 + Σ_k p_k · β_k / (1 + Δ_k), with Δ = tanh(MLP(S)) ∈ (−1, 1)."""
+CONFIDENT = 0.9  # a prediction this sure of one bin (the rest on its neighbours) stays inside that bin
 
-    def __init__(self, lower_edges: list[float]) -> None:
+
+def anchor_spans(extents: list[tuple[float, float]], representatives: list[float],
+                 confident: float = CONFIDENT) -> list[tuple[float, float]]:
+    """How far each bin's anchor may move: as far towards its extent's edges as keeps a prediction with at
+    least ``confident`` of its mass on bin k, and the rest on k's neighbours, inside bin k's extent.
+
+    Worked from the outside in: the first anchor may reach the task's low end and the last its high end;
+    bin k's lowest anchor a satisfies c·a + (1−c)·(lowest anchor of k−1) = start of k, and its highest likewise
+    against bin k+1. A span always holds the representative (Δ = 0), even in a spec so lopsided that the bound
+    would exclude it.
+
+    >>> [tuple(round(v, 2) for v in span) for span in anchor_spans([(1, 1.5), (1.5, 2.5), (2.5, 3)], [1, 2, 3])]
+    [(1, 1.4), (1.56, 2.44), (2.6, 3)]
+    """
+    leak = (1 - confident) / confident
+    lows = [extents[0][0]]
+    for start, _ in extents[1:]:
+        lows.append(start + leak * (start - lows[-1]))
+    highs = [extents[-1][1]]
+    for _, end in reversed(extents[:-1]):
+        highs.append(end - leak * (highs[-1] - end))
+    highs.reverse()
+    return [(min(lo, rep), max(hi, rep)) for lo, hi, rep in zip(lows, highs, representatives, strict=True)]
+
+
+class FineRegressor(nn.Module):
+    """SSR-Net style fine head: ŷ = origin + Σ_k p_k · β_k / (1 + Δ_k), Δ_k from tanh(MLP(S)), bounded per bin.
+
+    Departure from the reference (which anchors on lower edges, β_k = low_k − low_0, offset low_0):
+
+    * β_k = representative_k − origin, so a certain prediction of bin k with Δ = 0 is the value the bin stands
+      for (what its label means), not its lower edge.
+    * origin lies one task range below the task's low end, so no β is 0 and Δ moves every anchor, bin 0's too
+      (the reference pins bin 0 at low_0 whatever Δ).
+    * Δ_k = tanh(·) scaled separately on each side of 0 so the anchor origin + β_k/(1+Δ_k) sweeps exactly
+      ``anchor_spans``: inside bin k, never outside the task range, and 1 + Δ_k stays above 0 (no 0/0).
+    """
+
+    def __init__(self, extents: list[tuple[float, float]], representatives: list[float]) -> None:
         super().__init__()
-        num_bins = len(lower_edges)
-        edges = torch.tensor(lower_edges, dtype=torch.float32)
-        # β are lower edges measured from the first bin (the reference code); the offset returns to task units.
-        self.register_buffer("beta", edges - edges[0], persistent=False)
-        self.register_buffer("offset", edges[0].clone(), persistent=False)
+        num_bins = len(representatives)
+        low, high = extents[0][0], extents[-1][1]
+        origin = low - (high - low)
+        spans = torch.tensor(anchor_spans(extents, representatives), dtype=torch.float64)
+        beta = torch.tensor(representatives, dtype=torch.float64) - origin
+        # Δ at the span's ends: anchor = origin + β/(1+Δ)  ⇔  Δ = β/(anchor − origin) − 1
+        self.register_buffer("beta", beta.float(), persistent=False)
+        self.register_buffer("origin", torch.tensor(origin, dtype=torch.float32), persistent=False)
+        self.register_buffer("delta_up", (beta / (spans[:, 0] - origin) - 1).float(), persistent=False)  # ≥ 0
+        self.register_buffer("delta_down", (1 - beta / (spans[:, 1] - origin)).float(), persistent=False)  # ≥ 0
         self.shift = nn.Sequential(nn.Linear(num_bins, 2 * num_bins), nn.ReLU(inplace=True),
                                    nn.Linear(2 * num_bins, num_bins), nn.Tanh())
         for layer in self.shift:
             if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.001)  # Δ ≈ 0 at start: the readout begins as Σ p_k β_k
+                nn.init.normal_(layer.weight, std=0.001)  # Δ ≈ 0 at start: the readout begins as Σ p_k rep_k
                 nn.init.zeros_(layer.bias)
+
+    def delta(self, logits: torch.Tensor) -> torch.Tensor:
+        """Δ (B×K) from the raw coarse logits: tanh(MLP(S)) stretched to each bin's bounds."""
+        return self.stretch(self.shift(logits.float()))
+
+    def stretch(self, t: torch.Tensor) -> torch.Tensor:
+        """Map t ∈ [−1, 1] to Δ: t = 0 keeps the representative, t = 1 reaches the span's low end, −1 its high end."""
+        return t * torch.where(t >= 0, self.delta_up, self.delta_down)
+
+    def readout(self, probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """ŷ = origin + Σ_k p_k β_k / (1 + Δ_k), in the task unit."""
+        return self.origin + (probs * self.beta / (1 + delta)).sum(dim=-1)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """Fine value (B,) in the task unit from raw coarse logits (B×K)."""
-        probs = logits.float().softmax(dim=-1)
-        delta = self.shift(logits.float())
-        return self.offset + (probs * self.beta / (1 + delta)).sum(dim=-1)
+        return self.readout(logits.float().softmax(dim=-1), self.delta(logits))

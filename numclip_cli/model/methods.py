@@ -1,4 +1,5 @@
-"""Ordinal methods over one CLIP backbone (method.md §1–§4), registered by their ``--method`` name.
+"""Ordinal methods over one CLIP backbone, registered by their ``--method`` name (equations and every departure
+from the papers: docs/methods.md).
 
 - ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,
@@ -62,8 +63,8 @@ class OrdinalModel(nn.Module):
         self.clip = backbone.model
         self.task = task
         self.embed_dim = int(self.clip.text_projection.shape[-1]) if _has_proj(self.clip) else _probe_dim(backbone)
-        midpoints = torch.tensor([b.midpoint for b in task.bins], dtype=torch.float32)
-        self.register_buffer("midpoints", midpoints, persistent=False)
+        representatives = torch.tensor(task.representatives(), dtype=torch.float32)
+        self.register_buffer("representatives", representatives, persistent=False)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -115,7 +116,7 @@ def _probe_dim(backbone: Backbone) -> int:
 
 
 class BinPrompts(OrdinalModel):
-    """One prompt per bin (the task's sentence); p = softmax(S), value = Σ p_k · midpoint_k."""
+    """One prompt per bin (the task's sentence); p = softmax(S), value = Σ p_k · representative_k."""
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__(backbone, task)
@@ -127,10 +128,10 @@ class BinPrompts(OrdinalModel):
         return self.prompt(self.clip)
 
     def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
-        """Similarity logits and the probability-weighted bin midpoint."""
+        """Similarity logits and the probability-weighted representative values of the bins."""
         z = nn.functional.normalize(features.float(), dim=-1)
         logits = coarse_logits(z, text_features, self.logit_scale)
-        return Output(logits=logits, value=logits.softmax(-1) @ self.midpoints)
+        return Output(logits=logits, value=logits.softmax(-1) @ self.representatives)
 
 
 class ZeroShot(BinPrompts):
@@ -169,7 +170,9 @@ class NumClip(OrdinalModel):
         super().__init__(backbone, task)
         self.prompt = PromptEncoder(self.clip, backbone.tokenizer, task.prompt, task.bin_names)
         self.adapter = Adapter(self.embed_dim)
-        self.regressor = FineRegressor([b.low for b in task.bins])
+        # The reference freezes the context for age and decades and trains it for aesthetics: the task says which.
+        self.learns_context = task.tune_context
+        self.regressor = FineRegressor(task.extents(), task.representatives())
 
     def text_features(self) -> torch.Tensor:
         """Text features of the learned concept prompts."""
@@ -300,7 +303,8 @@ class L2RClip(RankModel):
         """CE over ranks + L_cop = L_t + L_d (``losses.ordinal_pairwise_loss``, safe on degenerate batches)."""
         labels = self.rank_labels(values, bins)
         ce = nn.functional.cross_entropy(out.logits, labels)
-        cop = ordinal_pairwise_loss(out.features, out.text, labels)
+        # Weights |y_i − r_j| on rank values, as the reference (indices differ from values for unequal bins)
+        cop = ordinal_pairwise_loss(out.features, out.text, labels, self.rank_values)
         return {"ce": ce, "cop": cop, "total": ce + cop}
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -286,7 +286,7 @@ class Trainer:
             barrier(self.world)
         if self.best_epoch < 1:  # only an improving epoch writes ``out``: a file there now is another run's
             last = f" (last epoch: train loss {history[-1].train_loss:.4g})" if history else ""
-            raise NumclipError(f"no epoch reached a finite validation MAE{last}; {out} was not written "
+            raise NumclipError(f"no epoch reached a finite validation {self.task.select}{last}; {out} was not written "
                                f"(a smaller --lr or --image-lr may help)")
         best = read_checkpoint(out).train.get("metrics", {})
         return TrainResult(self.best_epoch, best, history, baseline)

@@ -39,7 +39,7 @@ def test_a_run_without_a_finite_validation_score_says_so_and_keeps_the_old_file(
     result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--batch-size", "64", "--tune-context",
                       "--lr", "1e30", "--image-lr", "1e30", "--out", out])  # finite, but diverges at once
     assert result.exit_code == 1, result.output
-    assert "no epoch reached a finite validation MAE" in result.stderr
+    assert "no epoch reached a finite validation mae" in result.stderr
     assert f"{out} was not written" in result.stderr
     assert out.read_bytes() == b"an earlier run's checkpoint"
     assert result.stdout == ""  # no metrics table: neither this run's nor the old file's

@@ -40,7 +40,9 @@ class ImageFiles(Dataset):
         except ImageLoadError as exc:
             return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}", []
+            # some exceptions (MemoryError, many RuntimeErrors) have no message: their type is the reason then
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            return index, None, f"cannot preprocess image: {reason}", []
 
 
 @dataclass

@@ -1,11 +1,18 @@
-"""Input discovery for ``predict``: files, directories, globs and ``-`` (stdin), in input order, plus sharding."""
+"""Input discovery for ``predict``: files, directories, globs and ``-`` (stdin), in input order, plus sharding.
+
+Paths are kept as Python gives them for the file system (``os.fsdecode``): a name that is not valid UTF-8 holds
+lone surrogates (``\udcff`` for the byte 0xff), so it can still be opened. ``record_path`` turns such a path into
+the fields a record carries, and ``path_from_record`` turns those fields back into the same path.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import glob
 import os
-from collections.abc import Iterable, Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TextIO
 
 from numclip_cli.errors import UsageError
 
@@ -20,9 +27,51 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def record_path(path: str) -> dict[str, str]:
+    """The path fields of an output record: ``path``, plus ``path_bytes`` when the name is not valid UTF-8.
+
+    ``path`` is always valid UTF-8 text: the name itself, or with each undecodable byte shown as U+FFFD.
+    ``path_bytes`` (standard base64 of the name's bytes) is present only then, so the exact file can be found.
+
+    >>> record_path("photos/a.png")
+    {'path': 'photos/a.png'}
+    >>> record_path(os.fsdecode(b"caf\\xe9.png"))
+    {'path': 'caf\ufffd.png', 'path_bytes': 'Y2Fm6S5wbmc='}
+    """
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        raw = _name_bytes(path)
+        return {"path": raw.decode("utf-8", "replace"), "path_bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def path_from_record(record: Mapping[str, Any]) -> str:
+    """The input path a record was written for (inverse of ``record_path``); KeyError/ValueError if malformed."""
+    if "path_bytes" not in record:
+        return record["path"]
+    try:
+        return os.fsdecode(base64.b64decode(record["path_bytes"], validate=True))
+    except (TypeError, binascii.Error) as exc:
+        raise ValueError(f"bad path_bytes: {exc}") from None
+
+
+def _name_bytes(path: str) -> bytes:
+    """The bytes of a file name; a lone surrogate that no file name can hold is kept as its UTF-8 form."""
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogatepass")
+
+
 def read_path_list(stream: TextIO, null: bool = False) -> list[str]:
-    """Paths from a stream: newline-separated (a trailing CR is dropped) or NUL-separated with ``null``."""
-    text = stream.read()
+    """Paths from a stream: newline-separated (a trailing CR is dropped) or NUL-separated with ``null``.
+
+    The stream's bytes are read when it has them (``sys.stdin``): names are decoded as the file system does,
+    so a name that is not valid UTF-8 is kept exactly, whatever the terminal's locale.
+    """
+    buffer = getattr(stream, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else stream.read()
     if null:
         return [p for p in text.split("\0") if p]
     return [p.removesuffix("\r") for p in text.split("\n") if p.strip()]

@@ -1,4 +1,8 @@
-"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes."""
+"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes.
+
+Every writer turns the record's path into ``inputs.record_path`` fields first, so a file name that is not valid
+UTF-8 is written as valid text (``path``) plus its exact bytes (``path_bytes``), never a crash.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from typing import IO, Any
 
 from numclip_cli.atomic import no_space
 from numclip_cli.errors import NumclipError
+from numclip_cli.inputs import path_from_record, record_path
 
 FORMATS = ("table", "jsonl", "csv")
 _CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "expected_bin",
               "interval_low", "interval_high", "bin_set", "coverage", "face_index", "face_box"]
+_CSV_LAST = ["error", "path_bytes"]  # path_bytes last: a column added later must not shift the others
 
 
 class JsonlWriter:
@@ -26,7 +32,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record."""
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.write(json.dumps(with_path_fields(record), ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         """Push written records to the reader."""
@@ -43,13 +49,13 @@ class CsvWriter(JsonlWriter):
     def __init__(self, stream: IO[str], bin_names: list[str]) -> None:
         super().__init__(stream)
         self.prob_columns = [f"p_{name}" for name in bin_names]
-        self.writer = csv.DictWriter(stream, fieldnames=[*_CSV_FIXED, *self.prob_columns, "error"],
+        self.writer = csv.DictWriter(stream, fieldnames=[*_CSV_FIXED, *self.prob_columns, *_CSV_LAST],
                                      extrasaction="ignore", lineterminator="\n")
         self.writer.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
         """Flatten and write one record."""
-        row = dict(record)
+        row = with_path_fields(record)
         for column, p in zip(self.prob_columns, (record.get("probs") or {}).values(), strict=False):
             row[column] = p
         if "interval" in record:
@@ -76,14 +82,15 @@ class TableWriter(JsonlWriter):
 
     def write(self, record: dict[str, Any]) -> None:
         """Add one row."""
+        path = record_path(record["path"])["path"]
         if record["status"] != "ok":
-            self.table.add_row(record["path"], "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
+            self.table.add_row(path, "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
             return
         value = f"{record['value']:.2f}"
         if "interval" in record:
             low, high = record["interval"]
             value += f"  [{low:.1f}, {high:.1f}]"
-        self.table.add_row(record["path"], value, record["bin"], f"{record['probs'][record['bin']]:.2f}", "ok")
+        self.table.add_row(path, value, record["bin"], f"{record['probs'][record['bin']]:.2f}", "ok")
 
     def close(self) -> None:
         """Render the table."""
@@ -94,6 +101,11 @@ class TableWriter(JsonlWriter):
             console.width = 1000  # a file or pipe has no width: never wrap paths mid-name, the table stays natural
         console.print(self.table)
         self.flush()
+
+
+def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its path as ``record_path`` fields (``path``, and ``path_bytes`` when needed), path first."""
+    return {**record_path(record["path"]), **{key: value for key, value in record.items() if key != "path"}}
 
 
 def make_writer(fmt: str, stream: IO[str], bin_names: list[str], unit: str = "") -> JsonlWriter:
@@ -114,7 +126,7 @@ def done_paths(path: Path) -> tuple[set[str], int]:
             if not line.endswith(b"\n"):
                 break  # an interrupted write: drop the partial line
             try:
-                done.add(json.loads(line)["path"])
+                done.add(path_from_record(json.loads(line)))
             except (ValueError, KeyError, TypeError):
                 break
             good += len(line)

@@ -49,8 +49,12 @@ class CsvWriter(JsonlWriter):
     def __init__(self, stream: IO[str], bin_names: list[str]) -> None:
         super().__init__(stream)
         self.prob_columns = [f"p_{name}" for name in bin_names]
-        self.writer = csv.DictWriter(stream, fieldnames=[*_CSV_FIXED, *self.prob_columns, *_CSV_LAST],
-                                     extrasaction="ignore", lineterminator="\n")
+        fields = [*_CSV_FIXED, *self.prob_columns, *_CSV_LAST]
+        self.writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        # Before Python 3.13 the csv module leaves a field holding a lone "\r" unquoted when rows end in "\n", and
+        # every reader then splits the row there; such rows are written with every field quoted.
+        self.quoting_writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n",
+                                             quoting=csv.QUOTE_ALL)
         self.writer.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -65,11 +69,16 @@ class CsvWriter(JsonlWriter):
         if record.get("face"):
             row["face_index"] = record["face"]["index"]
             row["face_box"] = " ".join(str(v) for v in record["face"]["box"])
-        self.writer.writerow(row)
+        has_cr = any("\r" in value for value in row.values() if isinstance(value, str))
+        (self.quoting_writer if has_cr else self.writer).writerow(row)
 
 
 class TableWriter(JsonlWriter):
-    """A rich table for people at a terminal, rendered when the run ends."""
+    """A rich table for people at a terminal, rendered when the run ends.
+
+    Text from files (names, error reasons, a task's bin names) goes in as ``rich.text.Text``, never as markup, so
+    ``[bold]x.png`` stays those characters; control characters are shown as escapes (see ``visible``).
+    """
 
     def __init__(self, stream: IO[str], unit: str) -> None:
         from rich.table import Table
@@ -82,15 +91,19 @@ class TableWriter(JsonlWriter):
 
     def write(self, record: dict[str, Any]) -> None:
         """Add one row."""
-        path = record_path(record["path"])["path"]
+        from rich.text import Text
+
+        path = Text(visible(record_path(record["path"])["path"]))
         if record["status"] != "ok":
-            self.table.add_row(path, "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
+            status = Text.assemble((record["status"], "red"), ": ", visible(record.get("error", "")))
+            self.table.add_row(path, "", "", "", status)
             return
         value = f"{record['value']:.2f}"
         if "interval" in record:
             low, high = record["interval"]
             value += f"  [{low:.1f}, {high:.1f}]"
-        self.table.add_row(path, value, record["bin"], f"{record['probs'][record['bin']]:.2f}", "ok")
+        self.table.add_row(path, Text(value), Text(visible(record["bin"])), f"{record['probs'][record['bin']]:.2f}",
+                           "ok")
 
     def close(self) -> None:
         """Render the table."""
@@ -101,6 +114,18 @@ class TableWriter(JsonlWriter):
             console.width = 1000  # a file or pipe has no width: never wrap paths mid-name, the table stays natural
         console.print(self.table)
         self.flush()
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every non-printable character (ESC, CR, BEL, bidi overrides ...) as its Python escape.
+
+    A terminal acts on control characters (an ESC sequence recolours it or rewrites its title, a CR overwrites
+    the line), so a file name must not carry them to the screen.
+
+    >>> visible("a\x1b[31mred\r.png")
+    'a\\x1b[31mred\\r.png'
+    """
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from numclip_cli.errors import DataError
 from numclip_cli.images import ImageLoadError, load_rgb
-from numclip_cli.inputs import scan_directory
+from numclip_cli.inputs import UnreadableFolder, scan_directory
 from numclip_cli.tasks import TaskSpec
 from numclip_cli.textfiles import MAX_DATA_LIST_BYTES, read_text_file
 
@@ -54,6 +54,9 @@ def load_samples(data: str | Path, task: TaskSpec) -> Samples:
     problems: list[str] = []
     paths, values = [], []
     for where, image, label in rows:
+        if isinstance(image, UnreadableFolder):  # its images would silently be missing from the data
+            problems.append(f"{image}: {image.reason}")
+            continue
         try:
             value = task.parse_label(label)
         except ValueError as exc:
@@ -73,8 +76,12 @@ def load_samples(data: str | Path, task: TaskSpec) -> Samples:
 
 
 def _folder_rows(root: Path) -> list[tuple[str, str, str]]:
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise DataError(f"cannot read folder {root}: {exc.strerror or exc}") from None
     rows = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in subs:
         rows.extend((str(sub), image, sub.name) for image in scan_directory(str(sub), recursive=True))
     return rows
 

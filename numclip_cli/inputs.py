@@ -77,8 +77,36 @@ def read_path_list(stream: TextIO, null: bool = False) -> list[str]:
     return [p.removesuffix("\r") for p in text.split("\n") if p.strip()]
 
 
+class UnreadableFolder(str):
+    """An input that is a folder numclip could not list: its path, with the one-line ``reason`` for its record.
+
+    It travels with the image paths (sharding, ``--skip-existing`` and input order treat it as one input), so
+    the images it hides are reported as one error record instead of silently missing.
+    """
+
+    reason: str
+
+    def __new__(cls, path: str, reason: str) -> UnreadableFolder:
+        folder = super().__new__(cls, path)
+        folder.reason = reason
+        return folder
+
+    def __reduce__(self) -> tuple:
+        # decode workers may receive the inputs pickled: keep the reason
+        return UnreadableFolder, (str(self), self.reason)
+
+
+def _folder_error(exc: OSError) -> str:
+    """``cannot read folder: permission denied`` and the like."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot read folder: {text[:1].lower()}{text[1:]}"
+
+
 def scan_directory(root: str, recursive: bool) -> Iterator[str]:
-    """Image-named entries under ``root`` in sorted order; symlinked directories are visited once (no loops)."""
+    """Image-named entries under ``root`` in sorted order; symlinked directories are visited once (no loops).
+
+    A folder that cannot be listed (permission denied, vanished, I/O error) is yielded as an ``UnreadableFolder``.
+    """
     seen: set[str] = set()
     stack = [root]
     while stack:
@@ -89,7 +117,8 @@ def scan_directory(root: str, recursive: bool) -> Iterator[str]:
         seen.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            yield UnreadableFolder(folder, _folder_error(exc))
             continue
         subdirs = []
         for entry in entries:
@@ -97,9 +126,17 @@ def scan_directory(root: str, recursive: bool) -> Iterator[str]:
             # error records instead of silently disappearing
             if is_image_name(entry.name):
                 yield entry.path
-            elif recursive and entry.is_dir(follow_symlinks=True):
+            elif recursive and _is_dir(entry):
                 subdirs.append(entry.path)
         stack.extend(reversed(subdirs))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is (or links to) a folder; one whose type cannot be read is tried as a folder."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:  # listing it then reports the reason as an UnreadableFolder
+        return True
 
 
 def _has_glob(arg: str) -> bool:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from numclip_cli.calibration import ConformalRule
 from numclip_cli.errors import NumclipError
 from numclip_cli.images import ImageLoadError, load_rgb
+from numclip_cli.inputs import UnreadableFolder
 from numclip_cli.model.methods import OrdinalModel
 
 # an upright image → its views (the image itself, or face crops) with the fields each adds to its record
@@ -33,6 +34,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, list[dict[str, Any]]]:
+        if isinstance(self.paths[index], UnreadableFolder):
+            return index, None, self.paths[index].reason, []
         try:
             image = load_rgb(self.paths[index])
             views = self.crops(image) if self.crops else [(image, {})]

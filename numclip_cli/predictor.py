@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from numclip_cli.calibration import ConformalRule
 from numclip_cli.errors import NumclipError
 from numclip_cli.images import ImageLoadError, load_rgb
+from numclip_cli.inputs import UnreadableFolder
 from numclip_cli.model.methods import OrdinalModel
 
 # an upright image → its views (the image itself, or face crops) with the fields each adds to its record
@@ -34,6 +35,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, list[dict[str, Any]]]:
+        if isinstance(self.paths[index], UnreadableFolder):
+            return index, None, self.paths[index].reason, []
         try:
             image = load_rgb(self.paths[index])
             views = self.crops(image) if self.crops else [(image, {})]
@@ -41,7 +44,9 @@ class ImageFiles(Dataset):
         except ImageLoadError as exc:
             return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}", []
+            # some exceptions (MemoryError, many RuntimeErrors) have no message: their type is the reason then
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            return index, None, f"cannot preprocess image: {reason}", []
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from numclip_cli import calibration as cal
-from numclip_cli import metrics
+from numclip_cli import metrics, plotting
 from numclip_cli.checkpoint import read_checkpoint, write_checkpoint
 from numclip_cli.errors import CheckpointError, DataError, UsageError
 from numclip_cli.synthetic import task_spec, write_dataset
@@ -178,11 +178,11 @@ def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path:
 def test_reliability_diagram_is_a_png_of_the_expected_size(splits, tmp_path: Path) -> None:
     calib, _ = splits
     path = tmp_path / "reliability.png"
-    cal.save_reliability_diagram(path, calib, temperature=5.0, title="test")
+    plotting.save_reliability_diagram(path, calib, temperature=5.0, title="test")
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+        assert image.format == "PNG" and image.size == plotting.PLOT_SIZE
         colours = {rgb for _, rgb in image.convert("RGB").getcolors(maxcolors=1 << 16)}
-    assert {cal._BEFORE, cal._AFTER} <= colours  # both curves are drawn
+    assert {plotting._BEFORE, plotting._AFTER} <= colours  # both curves are drawn
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -242,17 +242,18 @@ def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overco
     stored = read_checkpoint(calibrated["path"]).calibration
     assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 300
     with Image.open(calibrated["plot"]) as image:
-        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+        assert image.format == "PNG" and image.size == plotting.PLOT_SIZE
 
 
 def test_calibrated_probabilities_on_the_test_split_are_better(calibrated, overconfident, data) -> None:
     from numclip_cli.checkpoint import load_model
     from numclip_cli.datasets import load_samples
+    from numclip_cli.evaluation import collect
     from numclip_cli.predictor import Predictor
 
     model, backbone, _ = load_model(calibrated["path"])
-    held = cal.collect(Predictor(model, torch.device("cpu")), load_samples(data["test"], SIZE),
-                       backbone.preprocess, batch_size=64, workers=0)
+    held = collect(Predictor(model, torch.device("cpu")), load_samples(data["test"], SIZE),
+                   backbone.preprocess, batch_size=64, workers=0)
     t = calibrated["report"]["temperature"]
     assert cal.calibration_metrics(held, t)["nll"] < cal.calibration_metrics(held, 1.0)["nll"]
     assert cal.calibration_metrics(held, t)["ece"] < cal.calibration_metrics(held, 1.0)["ece"]

@@ -8,7 +8,7 @@ from torch import nn
 
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
-from numclip_cli.model.methods import METHODS, NumClip, ZeroShot, create_model
+from numclip_cli.model.methods import METHODS, NumClip, create_model
 from numclip_cli.tasks import get_task, list_tasks
 
 BATCH = 3
@@ -31,9 +31,14 @@ def batch(tiny_backbone) -> torch.Tensor:
     return images(tiny_backbone)
 
 
-def test_methods_registry() -> None:
-    assert {"numclip", "zeroshot"} <= set(METHODS)
-    assert METHODS["numclip"] is NumClip and METHODS["zeroshot"] is ZeroShot
+def test_methods_registry_builds_each_method_by_its_name(tiny_backbone) -> None:
+    assert set(METHODS) == {"numclip", "l2rclip", "ordinalclip", "coop", "zeroshot", "linear-probe"}
+    for name, cls in METHODS.items():
+        model = create_model(name, tiny_backbone, get_task("age"))
+        assert type(model) is cls and model.method == name  # the name a checkpoint stores rebuilds this class
+    assert isinstance(create_model("numclip", tiny_backbone, get_task("age")), NumClip)
+    with pytest.raises(UsageError, match="unknown method 'numclip2'"):
+        create_model("numclip2", tiny_backbone, get_task("age"))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

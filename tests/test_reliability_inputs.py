@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import MODEL, assert_ok_record, jsonl, one_error_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
-from test_cli_predict import MODEL, assert_ok_record, jsonl
-from test_reliability_security import one_error_line
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

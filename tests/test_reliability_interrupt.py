@@ -17,10 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line
 from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
-from test_reliability_security import one_error_line
 
 from numclip_cli.cli.common import Terminated, stop_at_safe_points
 from numclip_cli.predictor import ImageFiles

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.numclip-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_CKPT := weights/numclip-tiny-dots.safetensors
 
-.PHONY: venv demo test lint weights clean
+.PHONY: venv demo test check weights clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,15 @@ demo: $(STAMP)
 	$(BIN)/numclip synth dots --out demo-out/dots --n 12 --seed 2024 --quiet
 	$(BIN)/numclip predict demo-out/dots --recursive --checkpoint $(DEMO_CKPT) --offline --format table
 
-## test: lint, then the whole suite (unit, CLI, subprocess, doctests)
+## test: lint, then the whole suite (unit, CLI, subprocess, doctests): what CI runs
 test: $(STAMP)
 	$(BIN)/ruff check numclip_cli tests
 	$(BIN)/pytest
+
+## check: the edit loop: lint, then every test not marked slow (about a minute of CPU)
+check: $(STAMP)
+	$(BIN)/ruff check numclip_cli tests
+	$(BIN)/pytest -q -m "not slow"
 
 ## weights: re-train the shipped demo checkpoint from scratch (CPU, a few minutes)
 weights: $(STAMP)

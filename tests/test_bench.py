@@ -38,6 +38,7 @@ SPEED_FIGURES = {
 }
 
 
+@pytest.mark.slow
 def test_speed_report_has_environment_and_every_figure_with_a_unit(run_cli, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     result = run_cli(["bench", "--suite", "speed", "--model", "numclip-tiny", "--pretrained", "none", "--quick",
@@ -121,6 +122,7 @@ def test_reference_path_recomputes_text_features_but_predicts_the_same(tiny_back
     assert [r["value"] for r in got] == pytest.approx([r["value"] for r in expected], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_fast_predict_agrees_with_fp32_on_the_trained_tiny_model(tmp_path: Path) -> None:
     from numclip_cli.checkpoint import load_model
     from numclip_cli.synthetic import write_dataset
@@ -150,6 +152,7 @@ def rows() -> list[dict]:
     return result
 
 
+@pytest.mark.slow
 def test_accuracy_rows_hold_every_metric_and_the_median_baseline(rows: list[dict]) -> None:
     assert [(r["kind"], r["method"]) for r in rows] == [("fill", "median"), ("fill", "zeroshot"),
                                                         ("fill", "linear-probe")]
@@ -163,6 +166,7 @@ def test_accuracy_rows_hold_every_metric_and_the_median_baseline(rows: list[dict
     assert math.isfinite(probe["mae_max"])
 
 
+@pytest.mark.slow
 def test_accuracy_markdown_table_has_a_row_per_result(rows: list[dict]) -> None:
     table = accuracy_markdown(rows).splitlines()
     assert table[0] == "| kind | method | mae | mae_max | accuracy | one_off | qwk | seconds |"
@@ -170,6 +174,7 @@ def test_accuracy_markdown_table_has_a_row_per_result(rows: list[dict]) -> None:
     assert table[2].startswith("| fill | median | ") and "| – |" in table[2]
 
 
+@pytest.mark.slow
 def test_accuracy_suite_in_the_cli_report_and_as_markdown(run_cli, tmp_path: Path) -> None:
     out = tmp_path / "acc.json"
     result = run_cli(["bench", "--suite", "accuracy", "--quick", "--kinds", "dots", "--methods", "zeroshot",

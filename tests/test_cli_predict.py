@@ -263,6 +263,7 @@ def test_decode_workers_do_not_change_output(run_cli, synthetic_dir: Path, basel
 
 # --- the real command, as a pipeline runs it ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_process_writes_jsonl_to_a_pipe(numclip_bin: Path, synthetic_dir: Path, synthetic_images,
                                              clean_env) -> None:
     proc = subprocess.run(
@@ -277,6 +278,7 @@ def test_real_process_writes_jsonl_to_a_pipe(numclip_bin: Path, synthetic_dir: P
     assert "Traceback" not in proc.stderr and "\x1b[" not in proc.stderr  # no colours off a terminal
 
 
+@pytest.mark.slow
 def test_real_process_reads_paths_from_stdin(numclip_bin: Path, synthetic_images, tmp_path: Path,
                                              clean_env) -> None:
     """``find ... | numclip predict -``: order kept; a FIFO among the inputs is an error record, not a hang."""
@@ -292,6 +294,7 @@ def test_real_process_reads_paths_from_stdin(numclip_bin: Path, synthetic_images
     assert records[1]["error"] == "not a regular file"
 
 
+@pytest.mark.slow
 def test_real_process_without_weights_offline_says_how_to_get_them(numclip_bin: Path, synthetic_images,
                                                                    clean_env) -> None:
     proc = subprocess.run([str(numclip_bin), "predict", synthetic_images[0], "--task", "age", "--offline"],
@@ -319,6 +322,7 @@ def test_every_subcommand_is_discovered() -> None:
     assert {"predict", "train", "calibrate", "synth", "tasks", "bench"} <= set(_command_names())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[], *[[name] for name in _command_names()]], ids=lambda c: " ".join(c) or "root")
 def test_help_exits_0(numclip_bin: Path, command: list[str], clean_env) -> None:
     proc = subprocess.run([str(numclip_bin), *command, "--help"], capture_output=True, text=True,

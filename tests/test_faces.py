@@ -222,6 +222,7 @@ def test_predict_faces_all_gives_a_record_per_face_in_input_order(run_cli, photo
     assert iou(Box(*got[0]["face"]["box"]), half) > 0.7
 
 
+@pytest.mark.slow
 def test_predict_defaults_follow_the_task(run_cli, photos, group) -> None:
     paths = [photos["group"], photos["coffee"]]
     age = records(run_cli(["predict", *paths, *TINY, "--task", "age", "--format", "jsonl"]))
@@ -255,6 +256,7 @@ def _tag_with_pid(image: Image.Image) -> list[tuple[Image.Image, dict[str, Any]]
     return [(image, {"view": i, "pid": os.getpid()}) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_train_crops_faces_and_the_checkpoint_remembers(run_cli, photos, tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "ages"
     for label, name in [("30", "astronaut"), ("40", "group"), ("50", "astronaut"), ("60", "group")]:

@@ -193,6 +193,7 @@ def dots_samples(synthetic_dir: Path):
     return load_samples(synthetic_dir, task_spec("dots"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_round_trips_and_predicts(method: str, dots_samples, synthetic_images, tmp_path: Path) -> None:
     task = task_spec("dots")
@@ -252,6 +253,7 @@ def test_predictor_computes_rank_text_features_once(method: str, tiny_backbone, 
     assert len(records) == 6 and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_linear_probe_encodes_each_image_once(dots_samples, tmp_path: Path, monkeypatch) -> None:
     """The frozen image tower runs once per image for the whole run, not once per epoch."""
     trainer = Trainer(fresh_backbone(), task_spec("dots"),
@@ -266,6 +268,7 @@ def test_linear_probe_encodes_each_image_once(dots_samples, tmp_path: Path, monk
     assert not trainer.tunes_image and all(not p.requires_grad for p in trainer.model.clip.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "trained"), [("numclip", False), ("coop", True), ("l2rclip", True)])
 def test_context_is_trained_by_default_where_the_method_learns_it(method: str, trained: bool) -> None:
     trainer = Trainer(fresh_backbone(), task_spec("dots"), TrainConfig(method=method, epochs=1),
@@ -278,6 +281,7 @@ def test_context_is_trained_by_default_where_the_method_learns_it(method: str, t
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 @pytest.mark.parametrize("method", TRAINED_METHODS)
 def test_cli_trains_and_predicts_every_method(method: str, run_cli, synthetic_dir: Path, synthetic_images,
                                               tmp_path: Path) -> None:

@@ -174,6 +174,7 @@ def test_prompt_words_have_variable_token_lengths(tiny_backbone) -> None:
     assert model.prompt.context.shape[0] == len(tiny_backbone.tokenizer.encode(task.prompt.split("{}")[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "width"), [("ViT-B-32", 512), ("RN50", 1024)])
 def test_embedding_width_comes_from_the_backbone(name: str, width: int) -> None:
     """Random-init ViT-B-32 (512-d) and RN50 (1024-d): one forward pass on a single image each."""

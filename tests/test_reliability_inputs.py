@@ -214,6 +214,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @FUZZ
 @given(spec=task_specs())
 def test_fuzzed_task_specs_never_give_a_traceback(run_cli, scratch: Path, spec: tuple[str, str]) -> None:
@@ -248,6 +249,7 @@ def data_lists(draw) -> tuple[str, str]:
     return kind, "\n".join([header, *(f"{path}{sep}{label}" for path, label in rows)]) + "\n"
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=data_lists())
 def test_fuzzed_data_lists_never_give_a_traceback(run_cli, scratch: Path, data: tuple[str, str]) -> None:

@@ -68,6 +68,7 @@ def resume(run_cli, folder: Path, out: Path, paths: list[str]) -> None:
     assert len(assert_complete_records(out, paths)) == len(paths)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_group_signal_during_predict_keeps_complete_records(signum: int, code: int, numclip_bin: Path, many_images,
                                                             tmp_path: Path, clean_env, run_cli) -> None:
@@ -93,6 +94,7 @@ def test_group_signal_during_predict_keeps_complete_records(signum: int, code: i
     resume(run_cli, folder, out, paths)
 
 
+@pytest.mark.slow
 def test_a_dead_decode_worker_keeps_complete_records(many_images, tmp_path: Path, run_cli,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker killed outright (the OOM killer, a crashing decoder) makes the DataLoader raise in the main
@@ -131,6 +133,7 @@ def test_first_signal_waits_for_a_safe_point_and_a_second_stops_at_once() -> Non
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
+@pytest.mark.slow
 def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, tmp_path: Path, clean_env,
                                                             run_cli) -> None:
     from numclip_cli.checkpoint import load_model, read_checkpoint

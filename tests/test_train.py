@@ -32,6 +32,7 @@ def dots(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_learns_well_below_the_median_baseline(run_cli, dots: Path, tmp_path: Path) -> None:
     out, metrics = tmp_path / "m.safetensors", tmp_path / "metrics.json"
     result = checked(run_cli(["train", "--data", dots, *TINY, *FAST, "--batch-size", "32", "--epochs", "8",
@@ -63,6 +64,7 @@ def train(run_cli) -> Callable[..., Result]:
     return run
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(train, small: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert train(small, straight, 3).exit_code == 0
@@ -89,6 +91,7 @@ def trained(train, small: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_metadata_follows_the_format(trained: Path) -> None:
     ckpt = read_checkpoint(trained)
     assert ckpt.method == "numclip" and ckpt.task.name == "fill"
@@ -99,6 +102,7 @@ def test_checkpoint_metadata_follows_the_format(trained: Path) -> None:
     assert {"prompt.context", "prompt.words", "regressor.shift.0.weight"} <= ckpt.tensors.keys()
 
 
+@pytest.mark.slow
 def test_predict_from_checkpoint_matches_the_in_process_model(trained: Path, small: Path, numclip_bin: Path,
                                                               clean_env: dict[str, str]) -> None:
     images = sorted(str(p) for p in small.glob("*/*.png"))[:10]
@@ -117,6 +121,7 @@ def test_predict_from_checkpoint_matches_the_in_process_model(trained: Path, sma
     torch.testing.assert_close(torch.tensor([r["value"] for r in records]), expected, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_unreadable_training_images_are_skipped_and_counted(train, small: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_dataset("fill", data, n=40, seed=5)

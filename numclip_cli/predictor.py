@@ -133,9 +133,14 @@ def quantize_image_tower(model: OrdinalModel) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works
+        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works in torch < 3,
+        # the bound pyproject sets; a torch without it is one line, not a traceback
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise NumclipError(f"--fast needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+                               f"does not have: run without --fast") from None
 
         quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "numclip_cli"
@@ -58,3 +59,45 @@ def test_no_import_cycles_between_package_modules() -> None:
 def test_cycle_finder_finds_a_cycle() -> None:
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
+
+
+def test_version_has_one_source() -> None:
+    """pyproject takes the version from ``numclip_cli.__version__``, so the two can never disagree."""
+    import tomllib
+
+    import numclip_cli
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "numclip_cli.__version__"}
+    assert numclip_cli.__version__.count(".") == 2
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_a_declared_dependency_with_bounds() -> None:
+    """Each third-party import of the package is declared (with ``>=`` for `make test-lowest` and ``<`` the next
+    major for runtime dependencies); optional extras count for the modules that import them lazily."""
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = {_normalised(re.split(r"[<>=\[ ]", r)[0]): r for r in project["dependencies"]}
+    extras = {_normalised(re.split(r"[<>=\[ ]", r)[0]) for r in project["optional-dependencies"]["face"]}
+    for requirement in runtime.values():
+        assert ">=" in requirement and "<" in requirement.replace("<=", ""), requirement
+    imported: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"numclip_cli"}
+    distributions = packages_distributions()
+    undeclared = {name for name in third_party
+                  if not {_normalised(d) for d in distributions.get(name, [name])} & (runtime.keys() | extras)}
+    assert "huggingface_hub" in third_party and undeclared == set()

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
-from numclip_cli.errors import NumclipError
+from numclip_cli.errors import NumclipError, one_line
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
 
@@ -40,7 +40,7 @@ class ImageFiles(Dataset):
         except ImageLoadError as exc:
             return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}", []
+            return index, None, f"cannot preprocess image: {one_line(exc)}", []
 
 
 @dataclass
@@ -219,7 +219,7 @@ class Predictor:
             return self.predict_images(images)
         except torch.OutOfMemoryError as exc:
             if len(images) == 1:
-                raise NumclipError(f"out of {self.device} memory even for one image: {' '.join(str(exc).split())[:200]}"
+                raise NumclipError(f"out of {self.device} memory even for one image: {one_line(exc)}"
                                    f" (try a smaller --model or --device cpu)") from None
             return None
 

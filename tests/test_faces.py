@@ -25,7 +25,7 @@ from numclip_cli.errors import TaskSpecError, UsageError
 from numclip_cli.faces import Box, FaceCrops, crop, crop_square, detect, face_transform, resolve_mode
 from numclip_cli.tasks import get_task, task_from_dict
 
-ASTRONAUT_FACE = Box(177, 66, 95, 95)  # facts.md: frontal cascade, scaleFactor 1.1, minNeighbors 5
+ASTRONAUT_FACE = Box(177, 66, 95, 95)  # docs/faces.md: frontal cascade, scaleFactor 1.1, minNeighbors 5
 # the composite: where each copy of the astronaut's face crop is pasted, and its side (largest first)
 PASTES = [((20, 60), 200), ((280, 20), 150), ((480, 150), 110)]
 TINY = ["--model", "numclip-tiny", "--pretrained", "none", "--device", "cpu", "--workers", "0", "--offline", "--quiet"]

@@ -9,6 +9,7 @@ from torch import nn
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
 from numclip_cli.model.methods import METHODS, NumClip, create_model
+from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS
 from numclip_cli.tasks import get_task, list_tasks
 
 BATCH = 3
@@ -32,10 +33,11 @@ def batch(tiny_backbone) -> torch.Tensor:
 
 
 def test_methods_registry_builds_each_method_by_its_name(tiny_backbone) -> None:
-    assert set(METHODS) == {"numclip", "l2rclip", "ordinalclip", "coop", "zeroshot", "linear-probe"}
+    assert tuple(METHODS) == METHOD_NAMES  # the torch-free list that help texts are built from
     for name, cls in METHODS.items():
         model = create_model(name, tiny_backbone, get_task("age"))
         assert type(model) is cls and model.method == name  # the name a checkpoint stores rebuilds this class
+        assert (not model.trainable_groups()) == (name in UNTRAINED_METHODS), name
     assert isinstance(create_model("numclip", tiny_backbone, get_task("age")), NumClip)
     with pytest.raises(UsageError, match="unknown method 'numclip2'"):
         create_model("numclip2", tiny_backbone, get_task("age"))

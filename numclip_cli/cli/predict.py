@@ -148,6 +148,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
     import contextlib
 
     from numclip_cli.atomic import atomic_open
+    from numclip_cli.errors import one_line
     from numclip_cli.predictor import Predictor, worker_died
     from numclip_cli.writers import appending, done_paths, make_writer
 
@@ -191,7 +192,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
             # a decode worker died: killed on its own (out of memory?), or by the stop signal sent to the group
             if stop.signum is None and not worker_died(exc):
                 raise
-            stopped = RuntimeError(" ".join(str(exc).split()))
+            stopped = RuntimeError(one_line(exc, limit=None))
         stopped = stop.exception() or stopped
         if stopped is not None:  # keep the complete records: the sink is committed below
             reporter.warn(f"stopped after {ok + failed} of {len(paths)} input(s); "

@@ -1,4 +1,4 @@
-"""Ordinal methods over one CLIP backbone (method.md §1–§4), registered by their ``--method`` name.
+"""Ordinal methods over one CLIP backbone (equations: docs/method.md), registered by their ``--method`` name.
 
 - ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,

@@ -6,7 +6,7 @@
   exact). The weights are global, not piecewise: with two bases the end ranks are the bases themselves, with
   three the first rank is ⅔·E₀ + ⅓·E₁.
 - L2RCLIP (Wang et al., NeurIPS 2023): the RankFormer. Its model code was never released; this is the
-  reconstruction of method.md §3 — a pre-LN transformer block in word-embedding space whose attention runs
+  reconstruction described in docs/method.md — a pre-LN transformer block in word-embedding space whose attention runs
   *across the M rank prompts* at each token position, blended into the plain prompts as
   P̂ = (1 − α)·P + α·F with a learnable α initialised at 0.01. The block's residual branches start at zero
   (F(P) = P), so training starts exactly from the plain prompts.

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from numclip_cli.errors import UsageError, WeightsError
+from numclip_cli.errors import UsageError, WeightsError, one_line
 
 TINY_MODEL = "numclip-tiny"
 DEFAULT_MODEL = "ViT-B-16"
@@ -221,7 +221,7 @@ def _register_config(name: str, model_cfg: dict[str, Any]) -> None:
 
 def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:
     """Turn open_clip's loading failures into one actionable line."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc, limit=None)
     if "weights_only" in text or "Unpickl" in type(exc).__name__ or "pickle" in text.lower():
         return WeightsError(f"refusing to load {pretrained}: it is not a plain tensor file "
                             f"(unpickling arbitrary objects is disabled for safety)")

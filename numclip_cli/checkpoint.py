@@ -16,7 +16,7 @@ import torch
 
 from numclip_cli.atomic import atomic_write_bytes
 from numclip_cli.backbone import Backbone, load_backbone
-from numclip_cli.errors import CheckpointError, NumclipError, UsageError
+from numclip_cli.errors import CheckpointError, NumclipError, UsageError, one_line
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
@@ -40,10 +40,6 @@ class Checkpoint:
     resume: dict[str, Any] | None = None
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate a checkpoint; any problem is a one-line ``CheckpointError``."""
     from safetensors import safe_open
@@ -54,10 +50,10 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # a handle, not a dict
     except Exception as exc:  # safetensors raises its own error type, or OSError/ValueError
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or another format: "
-                              f"{_one_line(exc)})") from None
+                              f"{one_line(exc)})") from None
     if FORMAT_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file but not a numclip checkpoint (no {FORMAT_KEY!r})")
     if meta[FORMAT_KEY] != str(FORMAT_VERSION):
@@ -71,7 +67,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                 and isinstance(backbone.get("pretrained"), str)):
             raise KeyError("backbone name/pretrained")
     except (KeyError, json.JSONDecodeError, NumclipError) as exc:
-        raise CheckpointError(f"{path}: damaged metadata: {_one_line(exc)}") from None
+        raise CheckpointError(f"{path}: damaged metadata: {one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
                       calibration=fields.get("calibration"), resume=fields.get("resume"))
 

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from numclip_cli.errors import one_line
+
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (~89.5 MP: a 24-bit 256 MiB image); not read from the
 # module at import time because callers may change that global.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -39,7 +41,7 @@ class ImageLoadError(Exception):
 
     def __init__(self, reason: str) -> None:
         # Error records are one line each (JSONL, CSV), so no newline may ever get through.
-        super().__init__(" ".join(reason.split()))
+        super().__init__(one_line(reason, limit=None))
 
 
 def load_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

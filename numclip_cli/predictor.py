@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
-from numclip_cli.errors import NumclipError
+from numclip_cli.errors import NumclipError, one_line
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.inputs import UnreadableFolder
 from numclip_cli.model.methods import OrdinalModel
@@ -44,9 +44,7 @@ class ImageFiles(Dataset):
         except ImageLoadError as exc:
             return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            # some exceptions (MemoryError, many RuntimeErrors) have no message: their type is the reason then
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-            return index, None, f"cannot preprocess image: {reason}", []
+            return index, None, f"cannot preprocess image: {one_line(exc)}", []
 
 
 @dataclass
@@ -139,9 +137,14 @@ def quantize_image_tower(model: OrdinalModel) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works
+        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works in torch < 3,
+        # the bound pyproject sets; a torch without it is one line, not a traceback
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise NumclipError(f"--fast needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+                               f"does not have: run without --fast") from None
 
         quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
@@ -220,7 +223,7 @@ class Predictor:
             return self.predict_images(images)
         except torch.OutOfMemoryError as exc:
             if len(images) == 1:
-                raise NumclipError(f"out of {self.device} memory even for one image: {' '.join(str(exc).split())[:200]}"
+                raise NumclipError(f"out of {self.device} memory even for one image: {one_line(exc)}"
                                    f" (try a smaller --model or --device cpu)") from None
             return None
 

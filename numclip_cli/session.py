@@ -9,6 +9,7 @@ from numclip_cli.backbone import DEFAULT_MODEL, DEFAULT_PRETRAINED, NO_WEIGHTS, 
 from numclip_cli.checkpoint import Checkpoint, load_model
 from numclip_cli.errors import UsageError
 from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.names import task_choices
 from numclip_cli.tasks import TaskSpec, get_task
 
 
@@ -48,7 +49,7 @@ def open_session(device: Any, checkpoint: str | None = None, model: str | None =
                              f"drop --task (the checkpoint carries it)")
         return Session(net, backbone, ckpt.task, ckpt, warnings)
     if not task:
-        raise UsageError("give --task (age, hci, aesthetics or a .toml/.json spec) or --checkpoint FILE")
+        raise UsageError(f"give --task ({task_choices()} or a .toml/.json spec) or --checkpoint FILE")
     spec = get_task(task)
     name = model or DEFAULT_MODEL
     tag = pretrained or default_pretrained(name)

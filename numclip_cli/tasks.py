@@ -29,6 +29,7 @@ from typing import Any
 
 from numclip_cli.errors import TaskSpecError
 from numclip_cli.faces import ONE_VIEW_MODES
+from numclip_cli.names import task_names
 from numclip_cli.textfiles import MAX_TASK_SPEC_BYTES, read_text_file
 
 RANK_MODES = ("integers", "bins")
@@ -243,8 +244,7 @@ def _check_order(bins: tuple[Bin, ...], source: str) -> None:
 
 def list_tasks() -> list[str]:
     """Names of the built-in tasks."""
-    folder = resources.files("numclip_cli") / "task_specs"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return task_names()
 
 
 def get_task(name_or_path: str) -> TaskSpec:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from image_corpus import make_corpus
+from helpers import TINY, make_corpus
 
-TINY = "numclip-tiny"
 SYNTHETIC_IMAGES = 24  # below the default batch size (32): one forward pass per CLI run
 
 
@@ -70,7 +69,7 @@ def synthetic_images(synthetic_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The awkward-file corpus of ``tests/image_corpus.py`` (see its ``EXPECTED`` for ok/error per name)."""
+    """The awkward-file corpus of ``tests/helpers.py`` (see its ``EXPECTED`` for ok/error per name)."""
     folder = tmp_path_factory.mktemp("corpus")
     make_corpus(folder)
     return folder

@@ -13,10 +13,28 @@ from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone, resolve_
 from numclip_cli.errors import UsageError, WeightsError
 
 
+@pytest.fixture
+def cuda_devices(monkeypatch):
+    """Pretend this host has N CUDA devices (0: none) and no MPS, whatever it really has."""
+
+    def pretend(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    return pretend
+
+
 @pytest.mark.parametrize("spec", ["auto", "cpu", " CPU ", "cpu:0"])
-def test_resolve_device_cpu(spec: str) -> None:
-    assert not torch.cuda.is_available(), "these tests expect a machine without CUDA"
+def test_resolve_device_cpu(spec: str, cuda_devices) -> None:
+    cuda_devices(0)
     assert resolve_device(spec).type == "cpu"
+
+
+def test_auto_picks_cuda_when_present(cuda_devices) -> None:
+    cuda_devices(2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu").type == "cpu" and resolve_device("cuda:1") == torch.device("cuda:1")
 
 
 @pytest.mark.parametrize("spec", ["bad", "", "gpu", "cuda:abc", "cuda:-1", "meta", "xla"])
@@ -26,11 +44,12 @@ def test_resolve_device_rejects_unknown_devices(spec: str) -> None:
     assert "\n" not in str(info.value) and repr(spec.strip().lower()) in str(info.value)
 
 
-@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3", "mps"])
-def test_resolve_device_unavailable_accelerators(spec: str) -> None:
-    if spec == "mps" and torch.backends.mps.is_available():
-        pytest.fail("these tests expect a machine without MPS")
-    with pytest.raises(UsageError, match="not available"):
+@pytest.mark.parametrize(("count", "spec", "message"), [
+    (0, "cuda", "CUDA is not available"), (0, "cuda:0", "CUDA is not available"), (2, "cuda:3", "only 2 CUDA"),
+    (0, "mps", "MPS is not available")])
+def test_resolve_device_unavailable_accelerators(count: int, spec: str, message: str, cuda_devices) -> None:
+    cuda_devices(count)
+    with pytest.raises(UsageError, match=message):
         resolve_device(spec)
 
 

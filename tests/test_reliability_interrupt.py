@@ -17,10 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line
 from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
-from test_reliability_security import one_error_line
 
 from numclip_cli.cli.common import Terminated, stop_at_safe_points
 from numclip_cli.predictor import ImageFiles
@@ -70,6 +68,7 @@ def resume(run_cli, folder: Path, out: Path, paths: list[str]) -> None:
     assert len(assert_complete_records(out, paths)) == len(paths)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_group_signal_during_predict_keeps_complete_records(signum: int, code: int, numclip_bin: Path, many_images,
                                                             tmp_path: Path, clean_env, run_cli) -> None:
@@ -95,6 +94,7 @@ def test_group_signal_during_predict_keeps_complete_records(signum: int, code: i
     resume(run_cli, folder, out, paths)
 
 
+@pytest.mark.slow
 def test_a_dead_decode_worker_keeps_complete_records(many_images, tmp_path: Path, run_cli,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker killed outright (the OOM killer, a crashing decoder) makes the DataLoader raise in the main
@@ -133,6 +133,7 @@ def test_first_signal_waits_for_a_safe_point_and_a_second_stops_at_once() -> Non
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
+@pytest.mark.slow
 def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, tmp_path: Path, clean_env,
                                                             run_cli) -> None:
     from numclip_cli.checkpoint import load_model, read_checkpoint

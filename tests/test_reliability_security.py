@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error_line
 from safetensors.torch import save_file
 
 import numclip_cli
@@ -120,15 +121,6 @@ def hostile_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
     files["raw.safetensors"].write_bytes(data)
     assert not marker.exists()
     return files
-
-
-def one_error_line(stderr: str) -> str:
-    """The single ``numclip: error:`` line of a failed run (no traceback, no "unexpected" exception)."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
-    assert len(errors) == 1, stderr
-    assert not errors[0].startswith("numclip: error: unexpected"), errors[0]  # a bug's catch-all message
-    return errors[0]
 
 
 @pytest.mark.parametrize("kind", ["torch.pt", "raw.bin", "raw.safetensors"])

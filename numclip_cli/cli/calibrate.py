@@ -56,6 +56,7 @@ def calibrate(
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.checkpoint import load_model, write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.evaluation import collect
     from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import Predictor
 
@@ -78,7 +79,7 @@ def calibrate(
         reporter.warn(face_warning)
     margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
     transform = face_transform(face_mode, margin, backbone.preprocess)
-    held = calibration.collect(Predictor(model, dev), samples, transform, batch_size, workers)
+    held = collect(Predictor(model, dev), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))
     for message in result.warnings:
@@ -89,7 +90,9 @@ def calibrate(
               "conformal": calibration.conformal_summary(held, result.rule(), ckpt.task), "unit": ckpt.task.unit,
               "warnings": result.warnings}
     if plot:
-        calibration.save_reliability_diagram(plot, held, result.temperature, ece_bins,
+        from numclip_cli.plotting import save_reliability_diagram
+
+        save_reliability_diagram(plot, held, result.temperature, ece_bins,
                                  title=f"Reliability diagram: task {ckpt.task.name!r}, {checkpoint.name}")
     if json_out:
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())

@@ -213,6 +213,7 @@ def _sink(output: Path | None, resume_at: int | None):
 
 def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None):
     """Stream records into their sink (see ``_sink``); an interrupt keeps every complete record and is returned."""
+    from numclip_cli.errors import one_line
     from numclip_cli.predictor import Predictor, worker_died
     from numclip_cli.writers import make_writer
 
@@ -248,7 +249,7 @@ def _run(session, calibration, paths, fmt, output, resume_at, batch_size, worker
             # a decode worker died: killed on its own (out of memory?), or by the stop signal sent to the group
             if stop.signum is None and not worker_died(exc):
                 raise
-            stopped = RuntimeError(" ".join(str(exc).split()))
+            stopped = RuntimeError(one_line(exc, limit=None))
         stopped = stop.exception() or stopped
         progress.stop()  # erase the bar before a table is printed to the same terminal
         if stopped is not None:  # keep the complete records: the sink is committed below

@@ -24,6 +24,9 @@ from numclip_cli.cli.common import (
     positive,
     prepare,
 )
+from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS, task_choices
+
+TRAINABLE = [name for name in METHOD_NAMES if name not in UNTRAINED_METHODS]
 
 # Default learning rates (prompts, adapter and head; image tower). From random init: what the synthetic method
 # comparison and the shipped demo checkpoint were trained with (chosen on validation data); a pretrained CLIP
@@ -42,8 +45,8 @@ def train(
     task: TaskOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
-    method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine), l2rclip, ordinalclip, coop or "
-                                        "linear-probe (zeroshot needs no training).")] = "numclip",
+    method: Annotated[str, typer.Option("--method", help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
+                                        f"{', '.join(UNTRAINED_METHODS)} needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
                                              "when --val is not given (seeded; between 0 and 1).")] = 0.1,
@@ -210,7 +213,7 @@ def _task_beside(data: Path) -> str:
     spec = data / "task.toml"
     if data.is_dir() and spec.is_file():
         return str(spec)
-    raise UsageError("give --task (age, hci, aesthetics or a .toml/.json spec)")
+    raise UsageError(f"give --task ({task_choices()} or a .toml/.json spec)")
 
 
 def _print_table(summary: dict) -> None:

@@ -1,36 +1,32 @@
-"""Method comparison on the synthetic ordinal suites: every ``--method`` against predict-the-median.
+"""The accuracy suite: every ``--method`` against predict-the-median on the synthetic ordinal suites.
 
 For each synthetic kind a seeded training set and a test set (another seed, so no image is shared) are
 written to a temporary folder. Each method is trained on ``numclip-tiny`` from the same random
 initialisation, its checkpoint is chosen on a validation split of the *training* data (never on the test
 set), and the chosen checkpoint is scored on the test set through the same ``Predictor`` that
 ``numclip predict`` uses. ``zeroshot`` is not trained: on a randomly initialised backbone it shows what
-untrained prompts give (chance).
-
-Run ``python -m numclip_cli.comparison`` for the README's markdown table (``--help`` for the options).
+untrained prompts give (chance). ``numclip bench --suite accuracy --markdown`` prints the README's table.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from numclip_cli import metrics
-from numclip_cli.backbone import TINY_MODEL, Backbone, load_backbone, resolve_device
+from numclip_cli.backbone import TINY_MODEL, Backbone, load_backbone
 from numclip_cli.checkpoint import load_model
-from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, load_samples, split_validation
+from numclip_cli.datasets import Samples, load_samples, split_validation
 from numclip_cli.errors import UsageError
+from numclip_cli.evaluation import evaluate
 from numclip_cli.model.methods import METHODS, OrdinalModel, create_model
-from numclip_cli.predictor import Predictor
 from numclip_cli.synthetic import get_generator, task_spec, write_dataset
 from numclip_cli.tasks import TaskSpec
 from numclip_cli.trainer import TrainConfig, Trainer
@@ -39,7 +35,7 @@ MEDIAN = "median"
 DEFAULT_KINDS = ("dots", "fill")
 VAL_SPLIT = 0.1  # share of the training set held out to choose each method's best epoch
 TEST_SEED_OFFSET = 1  # the test set is drawn with seed + 1: other labels, other pictures
-COLUMNS = ("mae", "mae_max", "accuracy", "one_off", "qwk", "seconds")
+QUICK = {"n_train": 120, "n_test": 60, "epochs": 1}
 
 # Per-method settings on numclip-tiny from random init (batch 64, RAdam, LR ×0.1 after 3/4 of the epochs).
 # Every prompt method tunes the image tower (random features carry little), prompts at lr 3e-3, image tower at
@@ -55,8 +51,34 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 BATCH_SIZE = 64
 
+Row = dict[str, Any]
 
-def _config(method: str, epochs: int, seed: int) -> TrainConfig:
+
+@dataclass
+class AccuracyConfig:
+    """Which methods run on which synthetic kinds, and how much data and training each gets."""
+
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    n_train: int = 900  # training images per kind (10 % of them choose the best epoch)
+    n_test: int = 300  # test images per kind, drawn with another seed
+    epochs: int = 8  # per method (×5 for the linear probe)
+    seed: int = 0  # of the data, the initialisation and training
+
+    @classmethod
+    def create(cls, quick: bool = False, **given: Any) -> AccuracyConfig:
+        """Defaults for a full or a ``--quick`` run; every option given (not None) wins. Unknown names fail here."""
+        base = cls(**QUICK) if quick else cls()
+        config = replace(base, **{key: value for key, value in given.items() if value is not None})
+        for method in config.methods:
+            if method not in METHODS:
+                raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        for kind in config.kinds:
+            get_generator(kind)  # an unknown kind is a UsageError naming it
+        return config
+
+
+def _train_config(method: str, epochs: int, seed: int) -> TrainConfig:
     """The training configuration of ``method`` in the comparison."""
     recipe = dict(RECIPES.get(method, {}))
     epochs *= recipe.pop("epoch_scale", 1)
@@ -64,29 +86,7 @@ def _config(method: str, epochs: int, seed: int) -> TrainConfig:
                        seed=seed, **recipe)
 
 
-def _test_batches(samples: Samples, task: TaskSpec, transform: Callable) -> DataLoader:
-    """Test images in order, preprocessed as ``numclip predict`` does."""
-    return DataLoader(LabelledImages(samples, task, transform), batch_size=BATCH_SIZE, shuffle=False,
-                      num_workers=0, collate_fn=collate_labelled)
-
-
-def evaluate(model: OrdinalModel, samples: Samples, transform: Callable, device: torch.device) -> dict[str, float]:
-    """Test metrics of a model through the ``predict`` path (text features computed once)."""
-    predictor = Predictor(model, device)
-    parts: dict[str, list[torch.Tensor]] = {"value": [], "value_max": [], "probs": [], "target": []}
-    for batch in _test_batches(samples, model.task, transform):
-        if "images" not in batch:
-            continue
-        pred = predictor.predict_images(batch["images"])
-        for name in ("value", "value_max", "probs"):
-            if name in pred:
-                parts[name].append(pred[name])
-        parts["target"].append(batch["values"])
-    out = {name: torch.cat(chunks) for name, chunks in parts.items() if chunks}
-    return metrics.summarize(model.task, out["value"], out["target"], out["probs"], value_max=out.get("value_max"))
-
-
-def median_row(kind: str, train: Samples, test: Samples, task: TaskSpec) -> dict[str, Any]:
+def median_row(kind: str, train: Samples, test: Samples, task: TaskSpec) -> Row:
     """The predict-the-training-median baseline on the test set."""
     started = time.perf_counter()
     median = statistics.median(train.values)
@@ -109,77 +109,35 @@ def _trained_model(method: str, task: TaskSpec, train: Samples, epochs: int, see
         return model.eval(), backbone
     fit_set, val_set = split_validation(train, VAL_SPLIT, seed)
     out = folder / f"{method}.safetensors"
-    Trainer(backbone, task, _config(method, epochs, seed), device).fit(fit_set, val_set, out)
+    Trainer(backbone, task, _train_config(method, epochs, seed), device).fit(fit_set, val_set, out)
     model, backbone, _ = load_model(out, device)
     return model, backbone
 
 
-def run_accuracy_suite(kinds: list[str], methods: list[str], n_train: int, n_test: int, epochs: int, seed: int,
-                       device: Any, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                       ) -> list[dict[str, Any]]:
+def run_accuracy_suite(config: AccuracyConfig, device: torch.device,
+                       on_progress: Callable[[Row], None] | None = None) -> list[Row]:
     """Train and test every method on every synthetic kind; one row per (kind, method) plus the median row.
 
     Rows hold ``kind, method, mae, mae_max`` (argmax readout, rank methods only, else None) ``, accuracy,
     one_off, qwk`` (coarse bins) and ``seconds`` (training + testing wall time); ``on_progress`` gets each
     row as soon as it is measured.
     """
-    for method in methods:
-        if method not in METHODS:
-            raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    for kind in kinds:
-        get_generator(kind)  # an unknown kind fails before any training
-    device = resolve_device(device) if isinstance(device, str) else device
     report = on_progress or (lambda _: None)
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="numclip-compare-") as tmp:
-        for kind in kinds:
+        for kind in config.kinds:
             task, folder = task_spec(kind), Path(tmp) / kind
-            write_dataset(kind, folder / "train", n_train, seed=seed)
-            write_dataset(kind, folder / "test", n_test, seed=seed + TEST_SEED_OFFSET, split="test")
+            write_dataset(kind, folder / "train", config.n_train, seed=config.seed)
+            write_dataset(kind, folder / "test", config.n_test, seed=config.seed + TEST_SEED_OFFSET, split="test")
             train, test = load_samples(folder / "train", task), load_samples(folder / "test", task)
             rows.append(median_row(kind, train, test, task))
             report(rows[-1])
-            for method in methods:
+            for method in config.methods:
                 started = time.perf_counter()
-                model, backbone = _trained_model(method, task, train, epochs, seed, device, folder)
+                model, backbone = _trained_model(method, task, train, config.epochs, config.seed, device, folder)
                 scores = evaluate(model, test, backbone.preprocess, device)
                 rows.append({"kind": kind, "method": method, "mae": scores["mae"], "mae_max": scores.get("mae_max"),
                              "accuracy": scores["accuracy"], "one_off": scores["one_off"], "qwk": scores["qwk"],
                              "seconds": time.perf_counter() - started})
                 report(rows[-1])
     return rows
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a GitHub markdown table (numbers to 3 decimals, seconds to 1, missing values as –)."""
-    lines = ["| kind | method | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
-    for row in rows:
-        cells = ["–" if row.get(c) is None else f"{row[c]:.1f}" if c == "seconds" else f"{row[c]:.3f}"
-                 for c in COLUMNS]
-        lines.append(f"| {row['kind']} | {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: run the suite and print the markdown table on stdout (progress on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m numclip_cli.comparison", description=__doc__.split("\n")[0])
-    parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated synthetic kinds")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    parser.add_argument("--n-train", type=int, default=900, help="training images per kind")
-    parser.add_argument("--n-test", type=int, default=300, help="test images per kind")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per method (×5 for linear-probe)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
-    args = parser.parse_args(argv)
-
-    def progress(row: dict[str, Any]) -> None:
-        print(f"{row['kind']:>6} {row['method']:<13} MAE {row['mae']:.3f}  ({row['seconds']:.1f} s)",
-              file=sys.stderr, flush=True)
-
-    rows = run_accuracy_suite(args.kinds.split(","), args.methods.split(","), args.n_train, args.n_test,
-                              args.epochs, args.seed, args.device, on_progress=progress)
-    print(markdown_table(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -23,7 +23,7 @@ TABLE_NAMES = ["[bold]x.png", "[link=https://evil.example]y.png[/link]", "esc\x1
 def ok_record(path: str, bin_name: str = AGE_BINS[0]) -> dict:
     probs = {name: 0.2 for name in AGE_BINS}
     return {"path": path, "status": "ok", "task": "age", "value": 1.0, "bin": bin_name,
-            "bin_index": AGE_BINS.index(bin_name) if bin_name in AGE_BINS else 0, "probs": probs,
+            "value_bin": bin_name, "bin_index": AGE_BINS.index(bin_name) if bin_name in AGE_BINS else 0, "probs": probs,
             "expected_bin": 0.0}
 
 

@@ -7,10 +7,8 @@ Weights are only ever read with ``weights_only=True`` (torch files) or from safe
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +70,14 @@ def register_model_configs() -> None:
         open_clip.add_model_config(Path(str(resources.files("numclip_cli") / "model_configs")))
 
 
+def is_known_model(name: str) -> bool:
+    """Whether ``name`` is an architecture this open_clip install (plus numclip's own configs) knows by name."""
+    import open_clip
+
+    register_model_configs()
+    return name in open_clip.list_models()
+
+
 @dataclass
 class Backbone:
     """A loaded open_clip model with its preprocessing and tokenizer, and where it came from."""
@@ -117,24 +123,21 @@ def load_backbone(
     name: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
     device: Any = "cpu",
-    model_cfg: dict[str, Any] | None = None,
     init_seed: int = 0,
 ) -> Backbone:
-    """Build an open_clip model; ``model_cfg`` registers an architecture unknown to this install first.
+    """Build the open_clip model the user names: an architecture with a pretrained tag, a weights file or
+    ``none``, or a ``hf-hub:``/``local-dir:`` bundle.
 
     Random initialisation (``pretrained="none"``, or parts a weights file does not cover) is seeded with
     ``init_seed`` without disturbing the caller's random state, so the same command builds the same model.
     """
     import open_clip
-    import torch
 
     register_model_configs()
     schema = name.split(":", 1)[0] + ":" if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) else None
     if schema is None and name not in open_clip.list_models():
-        if not model_cfg:
-            raise UsageError(f"unknown model {name!r}: use an open_clip name (e.g. {DEFAULT_MODEL}), "
-                             f"{TINY_MODEL}, {HF_HUB_PREFIX}ORG/REPO or {LOCAL_DIR_PREFIX}DIR")
-        _register_config(name, model_cfg)
+        raise UsageError(f"unknown model {name!r}: use an open_clip name (e.g. {DEFAULT_MODEL}), "
+                         f"{TINY_MODEL}, {HF_HUB_PREFIX}ORG/REPO or {LOCAL_DIR_PREFIX}DIR")
     tag: str | None = None if (schema or pretrained.lower() == NO_WEIGHTS) else pretrained
     if tag and _is_weight_file(tag) and not Path(tag).is_file():
         raise WeightsError(f"weights file not found: {tag}")
@@ -144,20 +147,43 @@ def load_backbone(
             raise UsageError(f"unknown pretrained tag {tag!r} for {name}: known tags {known}, "
                              f"a weights file, or 'none'")
         _check_hub_weights(name, tag)
+    model, preprocess = _create(name, pretrained, init_seed, model_name=name, pretrained=tag, device=device)
+    cfg = open_clip.get_model_config(name) or {}
+    label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
+    return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
+                    pretrained=label, model_cfg=cfg)
+
+
+def inline_backbone(label: str, model_cfg: dict[str, Any], device: Any = "cpu", init_seed: int = 0) -> Backbone:
+    """Build a randomly initialised architecture from a config dict (one a checkpoint carries), without any file.
+
+    open_clip only knows architectures by name, so the config is applied as overrides on top of a known plain
+    CLIP config (``numclip-tiny``): every architecture field is replaced, nothing is read or written, and
+    ``label`` is only a name for messages and metadata. Inline configs use CLIP's own tokenizer.
+    """
+    import open_clip
+
+    register_model_configs()
+    overrides = {key: value for key, value in model_cfg.items() if key != "custom_text"}
+    model, preprocess = _create(label, NO_WEIGHTS, init_seed, model_name=TINY_MODEL, pretrained=None, device=device,
+                                force_custom_text=bool(model_cfg.get("custom_text", False)), **overrides)
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=model_cfg["text_cfg"]["context_length"])
+    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=label, pretrained=NO_WEIGHTS,
+                    model_cfg=dict(model_cfg))
+
+
+def _create(label: str, source: str, init_seed: int, **kwargs: Any) -> tuple[Any, Any]:
+    """open_clip's ``create_model_and_transforms`` with seeded init and weights-only loads; model in eval mode."""
+    import open_clip
+    import torch
+
     try:
         with _weights_only_loads(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, device=device, weights_only=True
-            )
+            model, _, preprocess = open_clip.create_model_and_transforms(weights_only=True, **kwargs)
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/UnpicklingError
-        raise _weights_error(name, pretrained, exc) from exc
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    cfg = model_cfg or open_clip.get_model_config(name) or {}
-    label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
-    return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name,
-                    pretrained=label, model_cfg=cfg)
+        raise _weights_error(label, source, exc) from exc
+    return model.eval(), preprocess
 
 
 @contextlib.contextmanager
@@ -208,15 +234,6 @@ def _check_hub_weights(name: str, tag: str) -> None:
     except OSError:
         raise WeightsError(f"weights for {name} / {tag} are not in the local Hugging Face cache and {host} "
                            f"cannot be reached; {HOW_TO_PROVIDE_WEIGHTS}") from None
-
-
-def _register_config(name: str, model_cfg: dict[str, Any]) -> None:
-    """Register an architecture carried by a checkpoint (open_clip reads configs from files)."""
-    import open_clip
-
-    folder = Path(tempfile.mkdtemp(prefix="numclip-cfg-"))
-    (folder / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
-    open_clip.add_model_config(folder)
 
 
 def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:

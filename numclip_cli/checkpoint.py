@@ -8,6 +8,7 @@ backbone's name and pretrained tag (random init, or an image tower that was fine
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from numclip_cli.atomic import atomic_write_bytes
-from numclip_cli.backbone import Backbone, load_backbone
+from numclip_cli.backbone import Backbone, inline_backbone, is_known_model, load_backbone
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec, task_from_dict
@@ -25,6 +26,8 @@ FORMAT_VERSION = 1
 _JSON_FIELDS = ("task", "backbone", "train", "calibration", "resume")
 BACKBONE_PREFIX = "clip."
 VISUAL_PREFIX = "clip.visual."
+# what a backbone name in metadata may look like: an open_clip architecture name, never a path or a schema
+BACKBONE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 @dataclass
@@ -70,6 +73,11 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
                 and isinstance(backbone.get("pretrained"), str)):
             raise KeyError("backbone name/pretrained")
+        if not BACKBONE_LABEL.fullmatch(backbone["name"]):
+            raise CheckpointError(f"{path}: backbone name {backbone['name'][:80]!r} is not an architecture name "
+                                  f"(letters, digits, '.', '_', '+', '-'; no paths or schemas)")
+    except CheckpointError:
+        raise
     except (KeyError, json.JSONDecodeError, NumclipError) as exc:
         raise CheckpointError(f"{path}: damaged metadata: {_one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
@@ -139,7 +147,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Or
     """Rebuild the model a checkpoint describes, on ``device``, in eval mode."""
     ckpt = read_checkpoint(path)
     info = ckpt.backbone
-    backbone = load_backbone(info["name"], info["pretrained"], device=device, model_cfg=info.get("model_cfg"))
+    if is_known_model(info["name"]):
+        backbone = load_backbone(info["name"], info["pretrained"], device=device)
+    elif isinstance(info.get("model_cfg"), dict) and info["model_cfg"]:
+        backbone = inline_backbone(info["name"], info["model_cfg"], device=device)
+    else:
+        raise CheckpointError(f"{path}: backbone {info['name']!r} is not an open_clip architecture and the "
+                              f"checkpoint carries no config for it")
     try:
         model = create_model(ckpt.method, backbone, ckpt.task)
     except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user

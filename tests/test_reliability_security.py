@@ -216,3 +216,87 @@ def test_a_checkpoint_tensor_of_the_wrong_dtype_is_named(tiny_backbone, tmp_path
     assert result.exit_code == 1, result.stderr
     error = one_error_line(result.stderr)
     assert "'adapter.fc.0.weight'" in error and "torch.int32" in error and str(path) in error
+
+
+# --- checkpoint metadata never becomes a path -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
+    """A valid checkpoint of the random-init tiny backbone (so it carries every backbone tensor)."""
+    from numclip_cli.checkpoint import Checkpoint, model_tensors, write_checkpoint
+    from numclip_cli.model.methods import create_model
+    from numclip_cli.tasks import get_task
+
+    model = create_model("numclip", tiny_backbone, get_task("age"))
+    path = tmp_path_factory.mktemp("good") / "tiny.safetensors"
+    write_checkpoint(path, Checkpoint(tensors=model_tensors(model, tiny_backbone, tuned_image=False),
+                                      task=model.task, method="numclip", backbone=tiny_backbone.describe()))
+    return path
+
+
+def with_backbone(good: Path, dst: Path, **changes: object) -> Path:
+    """A copy of ``good`` whose backbone metadata has ``changes`` (a value of None removes the key)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(good), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    backbone = json.loads(meta["backbone"])
+    for key, value in changes.items():
+        if value is None:
+            backbone.pop(key, None)
+        else:
+            backbone[key] = value
+    meta["backbone"] = json.dumps(backbone)
+    save_file(load_file(str(good)), str(dst), metadata=meta)
+    return dst
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "numclip-tiny/../../x", "hf-hub:evil/x"])
+def test_a_backbone_name_in_metadata_never_becomes_a_path(name: str, tiny_checkpoint: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, synthetic_images,
+                                                          run_cli) -> None:
+    """open_clip reads architectures from files, so numclip used to write the checkpoint's config to
+    ``tempdir/<name>.json``: a crafted name wrote attacker-chosen JSON anywhere, and a folder leaked per load."""
+    import tempfile
+
+    work, temp = tmp_path / "cwd" / "a" / "b", tmp_path / "tmp"
+    work.mkdir(parents=True)
+    temp.mkdir()
+    name = str(tmp_path / "cwd" / "x") if name == "ABSOLUTE" else name
+    crafted = with_backbone(tiny_checkpoint, tmp_path / "crafted.safetensors", name=name,
+                            model_cfg={"embed_dim": 64, "vision_cfg": {}, "text_cfg": {"context_length": 32}})
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    before = tree(tmp_path)
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", crafted])
+    assert result.exit_code == 1, result.stderr
+    error = one_error_line(result.stderr)
+    assert "backbone name" in error and str(crafted) in error
+    assert tree(tmp_path) == before, "a file or folder appeared"
+    assert list(temp.iterdir()) == []
+
+
+def test_an_inline_config_builds_without_any_file(tiny_checkpoint: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, synthetic_images, run_cli) -> None:
+    """An architecture unknown to open_clip, carried by the checkpoint as a config, is built in memory."""
+    import json
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    crafted = with_backbone(tiny_checkpoint, tmp_path / "inline.safetensors", name="my-own-arch")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    before = tree(tmp_path)
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", crafted, "--format", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "ok"
+    assert tree(tmp_path) == before and list(temp.iterdir()) == []

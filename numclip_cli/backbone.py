@@ -22,6 +22,7 @@ TINY_MODEL = "numclip-tiny"
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 NO_WEIGHTS = "none"
+STORED_WEIGHTS = "stored"  # in checkpoint metadata: the checkpoint carries the backbone's trained weights
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -88,6 +89,13 @@ class Backbone:
     name: str
     pretrained: str
     model_cfg: dict[str, Any] = field(default_factory=dict)
+    tagged: bool = False  # weights from an open_clip pretrained tag: a checkpoint can name them instead of storing
+
+    @property
+    def stored_in_checkpoint(self) -> bool:
+        """Whether a checkpoint must carry every backbone tensor (random init, a weights file or a bundle): its
+        metadata may only name open_clip architectures and pretrained tags, never files or hub repositories."""
+        return not self.tagged
 
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
@@ -106,13 +114,25 @@ class Backbone:
         return self.pretrained == NO_WEIGHTS
 
     def describe(self) -> dict[str, Any]:
-        """Metadata stored in checkpoints: enough to rebuild this backbone."""
+        """Metadata stored in checkpoints: an architecture name and a pretrained tag, or (when the checkpoint
+        carries the whole backbone) a name for messages, ``none``/``stored`` and the architecture's config."""
+        pretrained = self.pretrained if self.tagged else NO_WEIGHTS if self.random_init else STORED_WEIGHTS
         return {
-            "name": self.name,
-            "pretrained": self.pretrained,
+            "name": architecture_label(self.name),
+            "pretrained": pretrained,
             "model_cfg": self.model_cfg,
             "preprocess_cfg": self.preprocess_cfg,
         }
+
+
+def architecture_label(name: str) -> str:
+    """A name for metadata and messages that is never a path or a schema: ``hf-hub:org/repo`` → ``org-repo``,
+    ``local-dir:/models/my-clip`` → ``my-clip``."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        name = Path(name[len(LOCAL_DIR_PREFIX):]).resolve().name
+    elif name.startswith(HF_HUB_PREFIX):
+        name = name[len(HF_HUB_PREFIX):]
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-._+")[:128] or "custom"
 
 
 def _is_weight_file(pretrained: str) -> bool:
@@ -151,7 +171,7 @@ def load_backbone(
     cfg = open_clip.get_model_config(name) or {}
     label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
     return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
-                    pretrained=label, model_cfg=cfg)
+                    pretrained=label, model_cfg=cfg, tagged=bool(tag) and not _is_weight_file(tag))
 
 
 def inline_backbone(label: str, model_cfg: dict[str, Any], device: Any = "cpu", init_seed: int = 0) -> Backbone:

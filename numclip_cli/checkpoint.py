@@ -7,6 +7,7 @@ backbone's name and pretrained tag (random init, or an image tower that was fine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -16,8 +17,17 @@ from typing import Any
 import torch
 
 from numclip_cli.atomic import atomic_write_bytes
-from numclip_cli.backbone import Backbone, inline_backbone, is_known_model, load_backbone
+from numclip_cli.backbone import (
+    NO_WEIGHTS,
+    STORED_WEIGHTS,
+    WEIGHT_FILE_SUFFIXES,
+    Backbone,
+    inline_backbone,
+    is_known_model,
+    load_backbone,
+)
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
+from numclip_cli.inline_config import check_inline_config
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
@@ -76,6 +86,10 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if not BACKBONE_LABEL.fullmatch(backbone["name"]):
             raise CheckpointError(f"{path}: backbone name {backbone['name'][:80]!r} is not an architecture name "
                                   f"(letters, digits, '.', '_', '+', '-'; no paths or schemas)")
+        pretrained = backbone["pretrained"]
+        if not BACKBONE_LABEL.fullmatch(pretrained) or pretrained.lower().endswith(WEIGHT_FILE_SUFFIXES):
+            raise CheckpointError(f"{path}: names its backbone weights {pretrained[:80]!r}, but checkpoint metadata "
+                                  f"may only name an open_clip pretrained tag, never a file, folder or hub repository")
     except CheckpointError:
         raise
     except (KeyError, json.JSONDecodeError, NumclipError) as exc:
@@ -87,14 +101,16 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 def model_tensors(model: OrdinalModel, backbone: Backbone, tuned_image: bool) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint must carry to rebuild ``model`` exactly.
 
-    A randomly initialised backbone is stored too; frozen tensors whose values are all fp16-representable (the
-    trainer's ``round_frozen_init`` makes them so) are stored as fp16, which halves the shipped demo checkpoint.
+    A backbone that cannot be named by an open_clip pretrained tag (random init, a weights file, a hub or
+    local bundle) is stored too, so the checkpoint never has to point at a file or a repository; frozen tensors
+    whose values are all fp16-representable (the trainer's ``round_frozen_init`` makes them so) are stored as
+    fp16, which halves the shipped demo checkpoint.
     """
     tensors = {}
     for key, value in model.state_dict().items():
         if key.startswith(BACKBONE_PREFIX):
             tuned = tuned_image and key.startswith(VISUAL_PREFIX)
-            if not (backbone.random_init or tuned):
+            if not (backbone.stored_in_checkpoint or tuned):
                 continue
             if not tuned and value.dtype == torch.float32 and torch.equal(value.half().float(), value):
                 value = value.half()  # lossless: only when every value is exactly representable
@@ -146,17 +162,38 @@ def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: st
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OrdinalModel, Backbone, Checkpoint]:
     """Rebuild the model a checkpoint describes, on ``device``, in eval mode."""
     ckpt = read_checkpoint(path)
-    info = ckpt.backbone
-    if is_known_model(info["name"]):
-        backbone = load_backbone(info["name"], info["pretrained"], device=device)
-    elif isinstance(info.get("model_cfg"), dict) and info["model_cfg"]:
-        backbone = inline_backbone(info["name"], info["model_cfg"], device=device)
-    else:
-        raise CheckpointError(f"{path}: backbone {info['name']!r} is not an open_clip architecture and the "
-                              f"checkpoint carries no config for it")
+    backbone = checkpoint_backbone(ckpt.backbone, str(path), device)
     try:
         model = create_model(ckpt.method, backbone, ckpt.task)
     except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
         raise CheckpointError(f"{path}: {exc}") from None
-    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.random_init)
+    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.stored_in_checkpoint)
     return model.eval(), backbone, ckpt
+
+
+def checkpoint_backbone(info: dict[str, Any], source: str, device: torch.device | str = "cpu") -> Backbone:
+    """The backbone checkpoint metadata describes, built by the only two routes metadata may take: an open_clip
+    architecture with one of its known pretrained tags, or an architecture (by name, or an inline config) whose
+    every tensor the checkpoint carries. Nothing named by metadata is ever read as a file or fetched as a repo."""
+    import open_clip
+
+    name, pretrained, cfg = info["name"], info["pretrained"], info.get("model_cfg") or {}
+    known = is_known_model(name)
+    if pretrained in (NO_WEIGHTS, STORED_WEIGHTS):
+        if known and (not cfg or cfg == open_clip.get_model_config(name)):
+            backbone = load_backbone(name, NO_WEIGHTS, device=device)
+        else:
+            try:
+                check_inline_config(cfg)
+            except ValueError as exc:
+                raise CheckpointError(f"{source}: backbone {name!r}: {exc}") from None
+            backbone = inline_backbone(name, cfg, device=device)
+        return dataclasses.replace(backbone, pretrained=pretrained)
+    if not known:
+        raise CheckpointError(f"{source}: backbone {name!r} is not an open_clip architecture, so it has no "
+                              f"pretrained tag {pretrained!r}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise CheckpointError(f"{source}: {pretrained!r} is not a pretrained tag of {name} (known: "
+                              f"{', '.join(tags) or 'none'})")
+    return load_backbone(name, pretrained, device=device)

@@ -318,7 +318,7 @@ class Trainer:
             raise UsageError(f"{path}: was trained with method {ckpt.method!r} on task {ckpt.task.name!r}; "
                              f"resume with the same --method and --task")
         model_part = {k: v for k, v in ckpt.tensors.items() if not k.startswith(OPTIM_PREFIX)}
-        load_state(self.model, model_part, str(path), require_backbone=self.backbone.random_init)
+        load_state(self.model, model_part, str(path), require_backbone=self.backbone.stored_in_checkpoint)
         self.optimizer.load_state_dict(_unflatten_optimizer(ckpt.tensors, ckpt.resume))
         scheduler = dict(ckpt.resume["scheduler"])
         scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})

@@ -80,17 +80,30 @@ def test_reloaded_prompts_give_the_saved_text_features(checkpoint_file: Path, nu
         torch.testing.assert_close(loaded.text_features(), numclip_model.text_features(), atol=1e-5, rtol=1e-5)
 
 
+def perturbed_weights(backbone, seed: int = 1) -> dict[str, torch.Tensor]:
+    """The backbone's weights moved away from any seeded init: a load that silently keeps an init shows."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: (value + 0.05 * torch.randn(value.shape, generator=generator)).contiguous()
+            if value.dtype.is_floating_point else value.contiguous()
+            for key, value in backbone.model.state_dict().items()}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_backbone, images, method: str) -> None:
-    """With file weights the checkpoint stores only the method's own tensors and points at the file."""
+    """File weights travel inside the checkpoint (metadata never names a file) and arrive exactly."""
     weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(weights))
+    trained = perturbed_weights(tiny_backbone)
+    save_file(trained, str(weights))
     backbone = load_backbone("numclip-tiny", str(weights))
     model = create_model(method, backbone, get_task("hci")).eval()
     path = save_model(tmp_path / "m.safetensors", model, backbone, method=method)
-    assert not any(key.startswith("clip.") for key in load_file(str(path)))
-    loaded, _, ckpt = load_model(path)
-    assert ckpt.backbone["pretrained"] == str(weights) and ckpt.method == method
+    weights.unlink()  # the checkpoint must not need the file
+    loaded, loaded_backbone, ckpt = load_model(path)
+    assert ckpt.backbone["pretrained"] == "stored" and str(tmp_path) not in json.dumps(ckpt.backbone)
+    assert ckpt.method == method and loaded_backbone.stored_in_checkpoint
+    state = loaded.clip.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
     before, after = outputs(model, images), outputs(loaded, images)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)

@@ -300,3 +300,69 @@ def test_an_inline_config_builds_without_any_file(tiny_checkpoint: Path, tmp_pat
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "ok"
     assert tree(tmp_path) == before and list(temp.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def real_weights_file(tmp_path_factory, tiny_weights) -> Path:
+    """A valid weights file for numclip-tiny: metadata that names it must still not get it read."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(tiny_weights, str(path))
+    return path
+
+
+TINY_CFG = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32,
+                                            "patch_size": 8},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def _with_text(**fields: object) -> dict:
+    return {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], **fields}}
+
+
+# backbone metadata -> words of the refusal
+REFUSED_METADATA = {
+    "hub-name": ({"name": "hf-hub:someone/their-repo", "pretrained": "none"}, "not an architecture name"),
+    "local-dir-name": ({"name": "local-dir:/tmp", "pretrained": "none"}, "not an architecture name"),
+    "hub-pretrained": ({"pretrained": "hf-hub:someone/their-repo"}, "may only name an open_clip pretrained tag"),
+    "local-dir-pretrained": ({"pretrained": "local-dir:/tmp"}, "may only name an open_clip pretrained tag"),
+    "absolute-pretrained": ({"pretrained": "/etc/passwd"}, "may only name an open_clip pretrained tag"),
+    "relative-pretrained": ({"pretrained": "../weights.pt"}, "may only name an open_clip pretrained tag"),
+    "file-name-pretrained": ({"pretrained": "weights.bin"}, "may only name an open_clip pretrained tag"),
+    "existing-file-pretrained": ({"pretrained": "REAL_FILE"}, "may only name an open_clip pretrained tag"),
+    "unknown-tag": ({"pretrained": "laion2b_s34b_b88k"}, "is not a pretrained tag of numclip-tiny"),
+    "tag-of-unknown-arch": ({"name": "my-arch", "pretrained": "openai"}, "not an open_clip architecture"),
+    "hf-text-tower": ({"name": "my-arch", "model_cfg": _with_text(hf_model_name="someone/bert")},
+                      "hf_model_name names a model or tokenizer outside the checkpoint"),
+    "hf-tokenizer": ({"name": "my-arch", "model_cfg": _with_text(hf_tokenizer_name="someone/tok")},
+                     "hf_tokenizer_name names a model or tokenizer outside the checkpoint"),
+    "tokenizer-file": ({"name": "my-arch", "model_cfg": _with_text(tokenizer_kwargs={"bpe_path": "/etc/passwd"})},
+                       "tokenizer_kwargs names a model or tokenizer outside the checkpoint"),
+    "timm-tower": ({"name": "my-arch", "model_cfg": {**TINY_CFG, "vision_cfg": {"timm_model_name": "resnet50"}}},
+                   "timm_model_name names a model or tokenizer outside the checkpoint"),
+    "no-config": ({"name": "my-arch", "model_cfg": None}, "lacks embed_dim"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_METADATA))
+def test_checkpoint_metadata_only_names_tags_or_carried_weights(kind: str, tiny_checkpoint: Path, tmp_path: Path,
+                                                                real_weights_file: Path, synthetic_images,
+                                                                run_cli) -> None:
+    """Metadata may resolve to an open_clip architecture + known tag, or to an architecture whose tensors the
+    checkpoint carries; schemas, paths and external names are refused in one line before anything is read."""
+    changes, words = REFUSED_METADATA[kind]
+    if changes.get("pretrained") == "REAL_FILE":
+        changes = {**changes, "pretrained": str(real_weights_file)}
+    crafted = with_backbone(tiny_checkpoint, tmp_path / f"{kind}.safetensors", **changes)
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", crafted])
+    assert result.exit_code == 1, result.stderr
+    error = one_error_line(result.stderr)
+    assert words in error and str(crafted) in error, error
+
+
+def test_checkpoint_with_a_known_tag_goes_to_that_tag(tiny_checkpoint: Path, tmp_path: Path, synthetic_images,
+                                                      run_cli) -> None:
+    """The one thing metadata may make numclip fetch: an open_clip architecture's known pretrained weights."""
+    crafted = with_backbone(tiny_checkpoint, tmp_path / "tagged.safetensors", name="ViT-B-16", pretrained="openai")
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", crafted])
+    assert result.exit_code == 1  # offline test session: the weights are not cached
+    assert "ViT-B-16" in one_error_line(result.stderr) and "openai" in result.stderr

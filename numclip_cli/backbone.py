@@ -193,12 +193,16 @@ def inline_backbone(label: str, model_cfg: dict[str, Any], device: Any = "cpu", 
 
 
 def _create(label: str, source: str, init_seed: int, **kwargs: Any) -> tuple[Any, Any]:
-    """open_clip's ``create_model_and_transforms`` with seeded init and weights-only loads; model in eval mode."""
+    """open_clip's ``create_model_and_transforms`` with seeded init and weights-only loads; model in eval mode.
+
+    ``device="meta"`` builds the architecture without allocating its tensors (to check shapes first)."""
     import open_clip
     import torch
 
+    # on the meta device (shapes only, no memory): every tensor is created there, not just moved
+    shapes_only = contextlib.nullcontext() if str(kwargs.get("device")) != "meta" else torch.device("meta")
     try:
-        with _weights_only_loads(), torch.random.fork_rng(devices=[]):
+        with _weights_only_loads(), torch.random.fork_rng(devices=[]), shapes_only:
             torch.manual_seed(init_seed)
             model, _, preprocess = open_clip.create_model_and_transforms(weights_only=True, **kwargs)
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/UnpicklingError

@@ -162,7 +162,8 @@ def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: st
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OrdinalModel, Backbone, Checkpoint]:
     """Rebuild the model a checkpoint describes, on ``device``, in eval mode."""
     ckpt = read_checkpoint(path)
-    backbone = checkpoint_backbone(ckpt.backbone, str(path), device)
+    stored = {key: tuple(value.shape) for key, value in ckpt.tensors.items()}
+    backbone = checkpoint_backbone(ckpt.backbone, str(path), device, stored)
     try:
         model = create_model(ckpt.method, backbone, ckpt.task)
     except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
@@ -171,24 +172,35 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Or
     return model.eval(), backbone, ckpt
 
 
-def checkpoint_backbone(info: dict[str, Any], source: str, device: torch.device | str = "cpu") -> Backbone:
+def checkpoint_backbone(info: dict[str, Any], source: str, device: torch.device | str = "cpu",
+                        stored: dict[str, tuple[int, ...]] | None = None) -> Backbone:
     """The backbone checkpoint metadata describes, built by the only two routes metadata may take: an open_clip
     architecture with one of its known pretrained tags, or an architecture (by name, or an inline config) whose
-    every tensor the checkpoint carries. Nothing named by metadata is ever read as a file or fetched as a repo."""
+    every tensor the checkpoint carries. Nothing named by metadata is ever read as a file or fetched as a repo.
+
+    For the second route, ``stored`` (checkpoint tensor name → shape) is checked against the declared
+    architecture built on the meta device first, so a small file declaring a huge model is refused before
+    anything is allocated.
+    """
     import open_clip
 
     name, pretrained, cfg = info["name"], info["pretrained"], info.get("model_cfg") or {}
     known = is_known_model(name)
     if pretrained in (NO_WEIGHTS, STORED_WEIGHTS):
         if known and (not cfg or cfg == open_clip.get_model_config(name)):
-            backbone = load_backbone(name, NO_WEIGHTS, device=device)
+            def build(on: torch.device | str) -> Backbone:
+                return load_backbone(name, NO_WEIGHTS, device=on)
         else:
             try:
                 check_inline_config(cfg)
             except ValueError as exc:
                 raise CheckpointError(f"{source}: backbone {name!r}: {exc}") from None
-            backbone = inline_backbone(name, cfg, device=device)
-        return dataclasses.replace(backbone, pretrained=pretrained)
+
+            def build(on: torch.device | str) -> Backbone:
+                return inline_backbone(name, cfg, device=on)
+        if stored is not None:
+            _check_carried(build("meta"), stored, source)
+        return dataclasses.replace(build(device), pretrained=pretrained)
     if not known:
         raise CheckpointError(f"{source}: backbone {name!r} is not an open_clip architecture, so it has no "
                               f"pretrained tag {pretrained!r}")
@@ -197,3 +209,16 @@ def checkpoint_backbone(info: dict[str, Any], source: str, device: torch.device 
         raise CheckpointError(f"{source}: {pretrained!r} is not a pretrained tag of {name} (known: "
                               f"{', '.join(tags) or 'none'})")
     return load_backbone(name, pretrained, device=device)
+
+
+def _check_carried(declared: Backbone, stored: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every tensor of the declared backbone (built on the meta device) must be in the file, with its shape."""
+    size = sum(value.numel() for value in declared.model.state_dict().values())
+    declares = f"{source}: declares backbone {declared.name!r} ({size / 1e6:.1f} M values)"
+    for key, value in declared.model.state_dict().items():
+        want, got = tuple(value.shape), stored.get(BACKBONE_PREFIX + key)
+        if got is None:
+            raise CheckpointError(f"{declares} but does not carry its tensor {BACKBONE_PREFIX + key!r}")
+        if got != want:
+            raise CheckpointError(f"{declares} but its tensor {BACKBONE_PREFIX + key!r} has shape {got}, "
+                                  f"not {want}")

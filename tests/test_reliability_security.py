@@ -366,3 +366,55 @@ def test_checkpoint_with_a_known_tag_goes_to_that_tag(tiny_checkpoint: Path, tmp
     result = run_cli(["predict", synthetic_images[0], "--checkpoint", crafted])
     assert result.exit_code == 1  # offline test session: the weights are not cached
     assert "ViT-B-16" in one_error_line(result.stderr) and "openai" in result.stderr
+
+
+HUGE_DECLARATIONS = {
+    # an open_clip architecture of 2.5 G values, declared as carried by a 10 MB file
+    "known-architecture": ({"name": "ViT-bigG-14", "model_cfg": None}, "declares backbone 'ViT-bigG-14' (2539"),
+    # within the size caps but ~80 G values
+    "inline-within-caps": ({"name": "huge", "model_cfg": {
+        "embed_dim": 8192, "vision_cfg": {"image_size": 224, "layers": 96, "width": 8192, "patch_size": 14},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 8192, "heads": 64, "layers": 96}}},
+        "declares backbone 'huge' ("),
+    "inline-over-caps": ({"name": "huger", "model_cfg": {
+        "embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 100000, "width": 1 << 20, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}},
+        "out of range"),
+}
+PEAK_RSS_MB = 1200  # torch + open_clip + the tiny checkpoint; building any of the declared models would not fit
+
+_RUN_UNDER_LIMIT = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from typer.testing import CliRunner
+from numclip_cli.cli.app import app
+results = []
+for path in sys.argv[2:]:
+    result = CliRunner().invoke(app, ["predict", sys.argv[1], "--checkpoint", path])
+    results.append({"exit": result.exit_code, "stderr": result.stderr})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"results": results, "peak_mb": peak}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~15 s on a busy 2-core machine
+def test_a_small_checkpoint_declaring_a_huge_backbone_is_refused_before_allocating(
+        tiny_checkpoint: Path, tmp_path: Path, synthetic_images, clean_env) -> None:
+    """The declared architecture is checked against the stored tensors (shapes only, on the meta device) and the
+    size caps before anything is built: a fast one-line refusal under a 4 GB address-space limit."""
+    import json
+    import subprocess
+    import sys
+
+    crafted = [with_backbone(tiny_checkpoint, tmp_path / f"{kind}.safetensors", pretrained="none", **changes)
+               for kind, (changes, _) in HUGE_DECLARATIONS.items()]
+    env = {**clean_env, "PYTHONPATH": str(PACKAGE.parent)}
+    proc = subprocess.run([sys.executable, "-c", _RUN_UNDER_LIMIT, synthetic_images[0], *map(str, crafted)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    for (kind, (_, words)), path, result in zip(HUGE_DECLARATIONS.items(), crafted, report["results"], strict=True):
+        assert result["exit"] == 1, (kind, result["stderr"])
+        error = one_error_line(result["stderr"])
+        assert words in error and str(path) in error, (kind, error)
+    assert report["peak_mb"] < PEAK_RSS_MB, report["peak_mb"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ TINY_MODEL = "numclip-tiny"
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
 NO_WEIGHTS = "none"
+NOT_FOUND = "not found"
 STORED_WEIGHTS = "stored"  # in checkpoint metadata: the checkpoint carries the backbone's trained weights
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -135,6 +137,22 @@ def architecture_label(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-._+")[:128] or "custom"
 
 
+def not_a_regular_file(path: str | Path) -> str | None:
+    """What ``path`` is when it is not a regular file ("not found", "a directory", "a FIFO (named pipe)" …),
+    from ``stat`` alone: opening a FIFO would block and a device can stream forever. None for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return NOT_FOUND
+    except OSError as exc:
+        return f"not readable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((f"{kind}, not a file" for test, kind in kinds if test(mode)), "not a regular file")
+
+
 def _is_weight_file(pretrained: str) -> bool:
     return pretrained.lower().endswith(WEIGHT_FILE_SUFFIXES) or os.sep in pretrained or pretrained.startswith(".")
 
@@ -159,15 +177,18 @@ def load_backbone(
         raise UsageError(f"unknown model {name!r}: use an open_clip name (e.g. {DEFAULT_MODEL}), "
                          f"{TINY_MODEL}, {HF_HUB_PREFIX}ORG/REPO or {LOCAL_DIR_PREFIX}DIR")
     tag: str | None = None if (schema or pretrained.lower() == NO_WEIGHTS) else pretrained
-    if tag and _is_weight_file(tag) and not Path(tag).is_file():
-        raise WeightsError(f"weights file not found: {tag}")
+    problem = not_a_regular_file(tag) if tag and _is_weight_file(tag) else None
+    if problem:
+        raise WeightsError(f"weights file not found: {tag}" if problem == NOT_FOUND else
+                           f"weights file {tag} is {problem}")
     if tag and not _is_weight_file(tag):
         known = open_clip.list_pretrained_tags_by_model(name)
         if tag not in known:
             raise UsageError(f"unknown pretrained tag {tag!r} for {name}: known tags {known}, "
                              f"a weights file, or 'none'")
         _check_hub_weights(name, tag)
-    model, preprocess = _create(name, pretrained, init_seed, model_name=name, pretrained=tag, device=device)
+    model, preprocess = _create(name, _weights_label(name, tag), init_seed, model_name=name, pretrained=tag,
+                                device=device)
     cfg = open_clip.get_model_config(name) or {}
     label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
     return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
@@ -190,6 +211,17 @@ def inline_backbone(label: str, model_cfg: dict[str, Any], device: Any = "cpu", 
     tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=model_cfg["text_cfg"]["context_length"])
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=label, pretrained=NO_WEIGHTS,
                     model_cfg=dict(model_cfg))
+
+
+def _weights_label(name: str, tag: str | None) -> str:
+    """Where the weights come from, for messages: the file, the bundle's weights file, or name / tag."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):])
+        files = sorted(p.name for p in folder.glob("*") if p.suffix in WEIGHT_FILE_SUFFIXES) if folder.is_dir() else []
+        return f"{name} ({files[0]})" if len(files) == 1 else name
+    if name.startswith(HF_HUB_PREFIX) or (tag and _is_weight_file(tag)):
+        return name if not tag else tag
+    return f"{name} / {tag or NO_WEIGHTS}"
 
 
 def _create(label: str, source: str, init_seed: int, **kwargs: Any) -> tuple[Any, Any]:
@@ -281,5 +313,5 @@ def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:
     if len(text) > 160:
         text = text[:160] + "…"
     offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-    return WeightsError(f"cannot load weights for {name} / {pretrained}{offline}: {text}. "
+    return WeightsError(f"cannot load weights {pretrained}{offline}: {text}. "
                         f"{HOW_TO_PROVIDE_WEIGHTS}")

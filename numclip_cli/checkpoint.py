@@ -19,12 +19,14 @@ import torch
 from numclip_cli.atomic import atomic_write_bytes
 from numclip_cli.backbone import (
     NO_WEIGHTS,
+    NOT_FOUND,
     STORED_WEIGHTS,
     WEIGHT_FILE_SUFFIXES,
     Backbone,
     inline_backbone,
     is_known_model,
     load_backbone,
+    not_a_regular_file,
 )
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.inline_config import check_inline_config
@@ -62,8 +64,10 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise CheckpointError(f"checkpoint not found: {path}" if problem == NOT_FOUND else
+                              f"checkpoint {path} is {problem}")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             meta = handle.metadata() or {}

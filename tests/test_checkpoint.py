@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import signal
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -281,3 +285,39 @@ def test_cli_rejects_checkpoint_with_model_or_other_task(checkpoint_file: Path, 
     assert combined.exit_code == 2 and "--checkpoint" in combined.stderr
     other = run_cli(["predict", synthetic_images[0], "--checkpoint", checkpoint_file, "--task", "hci"])
     assert other.exit_code == 2 and "task" in other.stderr
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the block blocks, e.g. on opening a FIFO nobody writes to."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("kind", "words"), [("fifo", "is a FIFO (named pipe), not a file"),
+                                             ("/dev/null", "is a character device, not a file"),
+                                             ("directory", "is a directory, not a file")])
+@pytest.mark.parametrize("option", ["--checkpoint", "--pretrained"])
+def test_a_checkpoint_or_weights_that_is_not_a_file_says_what_it_is(kind: str, words: str, option: str,
+                                                                    tmp_path: Path, synthetic_images,
+                                                                    run_cli) -> None:
+    """Checked with ``stat`` first: no "not found" for something that exists, and no hang on a FIFO."""
+    path = Path(kind) if kind.startswith("/") else tmp_path / "weights.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    args = ["--checkpoint", path] if option == "--checkpoint" else ["--model", "numclip-tiny", "--pretrained", path,
+                                                                      "--task", "age"]
+    with deadline(30):
+        result = run_cli(["predict", synthetic_images[0], *args])
+    assert result.exit_code == 1, result.stderr
+    assert words in result.stderr and str(path) in result.stderr and "not found" not in result.stderr

@@ -418,3 +418,20 @@ def test_a_small_checkpoint_declaring_a_huge_backbone_is_refused_before_allocati
         error = one_error_line(result["stderr"])
         assert words in error and str(path) in error, (kind, error)
     assert report["peak_mb"] < PEAK_RSS_MB, report["peak_mb"]
+
+
+def test_a_pickle_in_a_local_dir_bundle_is_named(hostile_files, marker: Path, tmp_path: Path, synthetic_images,
+                                                 run_cli) -> None:
+    """The refusal names the bundle and its weights file (it used to say "refusing to load openai")."""
+    import json
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
+    (bundle / "open_clip_pytorch_model.bin").write_bytes(hostile_files["torch.pt"].read_bytes())
+    result = run_cli(["predict", synthetic_images[0], "--model", f"local-dir:{bundle}", "--task", "age"])
+    assert not marker.exists(), "unpickling ran the payload"
+    assert result.exit_code == 1, result.stderr
+    error = one_error_line(result.stderr)
+    assert f"refusing to load local-dir:{bundle} (open_clip_pytorch_model.bin)" in error
+    assert "openai" not in error

@@ -42,29 +42,6 @@ def set_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def resolve_device(spec: str = "auto") -> Any:
-    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``; usage error when unavailable."""
-    import torch
-
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {spec!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device 'mps' requested but MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
 def register_model_configs() -> None:
     """Make the shipped architectures (``numclip-tiny``) known to open_clip."""
     import open_clip

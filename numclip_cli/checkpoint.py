@@ -1,15 +1,19 @@
-"""numclip checkpoints: one ``.safetensors`` file of trained tensors + JSON metadata; never unpickled.
+"""The numclip checkpoint file format: one ``.safetensors`` file of tensors + JSON metadata; never unpickled.
 
-Metadata keys (string → JSON string): ``numclip.format``, ``task``, ``method``, ``backbone``, ``train``, and
-``calibration`` once calibrated. Backbone tensors are stored only when they cannot be rebuilt from the
-backbone's name and pretrained tag (random init, or an image tower that was fine-tuned).
+Metadata keys (string → JSON string): ``numclip.format``, ``method``, ``task``, ``backbone`` (an open_clip
+architecture name and pretrained tag, or ``none``/``stored`` with the architecture's config when the file
+carries the whole backbone), ``preprocess`` (see numclip_cli.preprocessing), ``train``, ``calibration`` once
+calibrated, and ``resume`` in the resumable ``*.last.safetensors`` (whose ``optim.*`` tensors hold the optimizer
+state). Backbone tensors are stored only when an open_clip pretrained tag cannot rebuild them (random init, a
+weights file or bundle, or an image tower that was fine-tuned). Rebuilding a model from a checkpoint is
+numclip_cli.factory's job; this module reads, validates and writes the file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,25 +21,16 @@ from typing import Any
 import torch
 
 from numclip_cli.atomic import atomic_write_bytes
-from numclip_cli.backbone import (
-    NO_WEIGHTS,
-    NOT_FOUND,
-    STORED_WEIGHTS,
-    WEIGHT_FILE_SUFFIXES,
-    Backbone,
-    inline_backbone,
-    is_known_model,
-    load_backbone,
-    not_a_regular_file,
-)
-from numclip_cli.errors import CheckpointError, NumclipError, UsageError
-from numclip_cli.inline_config import check_inline_config
-from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.backbone import NOT_FOUND, WEIGHT_FILE_SUFFIXES, Backbone, not_a_regular_file
+from numclip_cli.errors import CheckpointError, NumclipError
+from numclip_cli.model.methods import OrdinalModel
+from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
 FORMAT_KEY = "numclip.format"
 FORMAT_VERSION = 1
-_JSON_FIELDS = ("task", "backbone", "train", "calibration", "resume")
+_JSON_FIELDS = ("task", "backbone", "preprocess", "train", "calibration", "resume")
+OPTIM_PREFIX = "optim."
 BACKBONE_PREFIX = "clip."
 VISUAL_PREFIX = "clip.visual."
 # what a backbone name in metadata may look like: an open_clip architecture name, never a path or a schema
@@ -53,6 +48,11 @@ class Checkpoint:
     train: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     resume: dict[str, Any] | None = None
+    preprocess: dict[str, Any] | None = None  # None: written before numclip stored it (see preprocessing.py)
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors, without the optimizer state a ``last`` checkpoint also carries."""
+        return {key: value for key, value in self.tensors.items() if not key.startswith(OPTIM_PREFIX)}
 
 
 def _one_line(exc: Exception) -> str:
@@ -94,12 +94,15 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if not BACKBONE_LABEL.fullmatch(pretrained) or pretrained.lower().endswith(WEIGHT_FILE_SUFFIXES):
             raise CheckpointError(f"{path}: names its backbone weights {pretrained[:80]!r}, but checkpoint metadata "
                                   f"may only name an open_clip pretrained tag, never a file, folder or hub repository")
+        if "preprocess" in fields:
+            Preprocessing.from_metadata(fields["preprocess"])
     except CheckpointError:
         raise
-    except (KeyError, json.JSONDecodeError, NumclipError) as exc:
+    except (KeyError, ValueError, NumclipError) as exc:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: damaged metadata: {_one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
-                      calibration=fields.get("calibration"), resume=fields.get("resume"))
+                      calibration=fields.get("calibration"), resume=fields.get("resume"),
+                      preprocess=fields.get("preprocess"))
 
 
 def model_tensors(model: OrdinalModel, backbone: Backbone, tuned_image: bool) -> dict[str, torch.Tensor]:
@@ -135,7 +138,7 @@ def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     from safetensors.torch import save
 
     meta = {FORMAT_KEY: str(FORMAT_VERSION), "method": checkpoint.method, "task": json.dumps(checkpoint.task.to_dict())}
-    for name in ("backbone", "train", "calibration", "resume"):
+    for name in ("backbone", "preprocess", "train", "calibration", "resume"):
         value = getattr(checkpoint, name)
         if value is not None:
             meta[name] = json.dumps(value)
@@ -163,66 +166,31 @@ def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: st
     model.load_state_dict(tensors, strict=False)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OrdinalModel, Backbone, Checkpoint]:
-    """Rebuild the model a checkpoint describes, on ``device``, in eval mode."""
-    ckpt = read_checkpoint(path)
-    stored = {key: tuple(value.shape) for key, value in ckpt.tensors.items()}
-    backbone = checkpoint_backbone(ckpt.backbone, str(path), device, stored)
-    try:
-        model = create_model(ckpt.method, backbone, ckpt.task)
-    except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
-        raise CheckpointError(f"{path}: {exc}") from None
-    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.stored_in_checkpoint)
-    return model.eval(), backbone, ckpt
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state → tensors (``optim.<param>.<key>``) + JSON (param groups and non-tensor entries)."""
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": jsonable(state["param_groups"]), "optimizer_scalars": scalars}
 
 
-def checkpoint_backbone(info: dict[str, Any], source: str, device: torch.device | str = "cpu",
-                        stored: dict[str, tuple[int, ...]] | None = None) -> Backbone:
-    """The backbone checkpoint metadata describes, built by the only two routes metadata may take: an open_clip
-    architecture with one of its known pretrained tags, or an architecture (by name, or an inline config) whose
-    every tensor the checkpoint carries. Nothing named by metadata is ever read as a file or fetched as a repo.
-
-    For the second route, ``stored`` (checkpoint tensor name → shape) is checked against the declared
-    architecture built on the meta device first, so a small file declaring a huge model is refused before
-    anything is allocated.
-    """
-    import open_clip
-
-    name, pretrained, cfg = info["name"], info["pretrained"], info.get("model_cfg") or {}
-    known = is_known_model(name)
-    if pretrained in (NO_WEIGHTS, STORED_WEIGHTS):
-        if known and (not cfg or cfg == open_clip.get_model_config(name)):
-            def build(on: torch.device | str) -> Backbone:
-                return load_backbone(name, NO_WEIGHTS, device=on)
-        else:
-            try:
-                check_inline_config(cfg)
-            except ValueError as exc:
-                raise CheckpointError(f"{source}: backbone {name!r}: {exc}") from None
-
-            def build(on: torch.device | str) -> Backbone:
-                return inline_backbone(name, cfg, device=on)
-        if stored is not None:
-            _check_carried(build("meta"), stored, source)
-        return dataclasses.replace(build(device), pretrained=pretrained)
-    if not known:
-        raise CheckpointError(f"{source}: backbone {name!r} is not an open_clip architecture, so it has no "
-                              f"pretrained tag {pretrained!r}")
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
-        raise CheckpointError(f"{source}: {pretrained!r} is not a pretrained tag of {name} (known: "
-                              f"{', '.join(tags) or 'none'})")
-    return load_backbone(name, pretrained, device=device)
+def optimizer_state(tensors: dict[str, torch.Tensor], resume: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state ``optimizer_tensors`` split into tensors and ``resume`` metadata, put back together."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(OPTIM_PREFIX):
+            index, key = name[len(OPTIM_PREFIX):].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in resume.get("optimizer_scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": resume["param_groups"]}
 
 
-def _check_carried(declared: Backbone, stored: dict[str, tuple[int, ...]], source: str) -> None:
-    """Every tensor of the declared backbone (built on the meta device) must be in the file, with its shape."""
-    size = sum(value.numel() for value in declared.model.state_dict().values())
-    declares = f"{source}: declares backbone {declared.name!r} ({size / 1e6:.1f} M values)"
-    for key, value in declared.model.state_dict().items():
-        want, got = tuple(value.shape), stored.get(BACKBONE_PREFIX + key)
-        if got is None:
-            raise CheckpointError(f"{declares} but does not carry its tensor {BACKBONE_PREFIX + key!r}")
-        if got != want:
-            raise CheckpointError(f"{declares} but its tensor {BACKBONE_PREFIX + key!r} has shape {got}, "
-                                  f"not {want}")
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (Counters become dicts, anything else unknown a string)."""
+    return json.loads(json.dumps(value, default=lambda o: dict(o) if isinstance(o, Counter) else str(o)))

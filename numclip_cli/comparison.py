@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from numclip_cli import metrics
-from numclip_cli.backbone import TINY_MODEL, Backbone, load_backbone, resolve_device
-from numclip_cli.checkpoint import load_model
+from numclip_cli.backbone import TINY_MODEL
 from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, load_samples, split_validation
 from numclip_cli.errors import UsageError
+from numclip_cli.factory import LoadedModel, create_model_and_transforms, open_backbone, resolve_device
 from numclip_cli.model.methods import METHODS, OrdinalModel, create_model
 from numclip_cli.predictor import Predictor
 from numclip_cli.synthetic import get_generator, task_spec, write_dataset
@@ -101,18 +101,16 @@ def median_row(kind: str, train: Samples, test: Samples, task: TaskSpec) -> dict
 
 
 def _trained_model(method: str, task: TaskSpec, train: Samples, epochs: int, seed: int, device: torch.device,
-                   folder: Path) -> tuple[OrdinalModel, Backbone]:
+                   folder: Path) -> LoadedModel:
     """Train ``method`` from the seeded random init; return its best-on-validation checkpoint, loaded."""
     torch.manual_seed(seed)  # the same random backbone for every method
-    backbone = load_backbone(TINY_MODEL, "none", device=device)
-    model = create_model(method, backbone, task)
-    if not model.trainable_groups():
-        return model.eval(), backbone
+    backbone, _ = open_backbone(TINY_MODEL, "none", device)
+    if not create_model(method, backbone, task).trainable_groups():
+        return create_model_and_transforms(device, model=TINY_MODEL, pretrained="none", task=task, method=method)
     fit_set, val_set = split_validation(train, VAL_SPLIT, seed)
     out = folder / f"{method}.safetensors"
     Trainer(backbone, task, _config(method, epochs, seed), device).fit(fit_set, val_set, out)
-    model, backbone, _ = load_model(out, device)
-    return model, backbone
+    return create_model_and_transforms(device, checkpoint=out)
 
 
 def run_accuracy_suite(kinds: list[str], methods: list[str], n_train: int, n_test: int, epochs: int, seed: int,
@@ -142,8 +140,8 @@ def run_accuracy_suite(kinds: list[str], methods: list[str], n_train: int, n_tes
             report(rows[-1])
             for method in methods:
                 started = time.perf_counter()
-                model, backbone = _trained_model(method, task, train, epochs, seed, device, folder)
-                scores = evaluate(model, test, backbone.preprocess, device)
+                trained = _trained_model(method, task, train, epochs, seed, device, folder)
+                scores = evaluate(trained.model, test, trained.transform, device)
                 rows.append({"kind": kind, "method": method, "mae": scores["mae"], "mae_max": scores.get("mae_max"),
                              "accuracy": scores["accuracy"], "one_off": scores["one_off"], "qwk": scores["qwk"],
                              "seconds": time.perf_counter() - started})

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone, resolve_device
+from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone
 from numclip_cli.errors import UsageError, WeightsError
+from numclip_cli.factory import resolve_device
 
 
 @pytest.mark.parametrize("spec", ["auto", "cpu", " CPU ", "cpu:0"])

@@ -21,16 +21,22 @@ from numclip_cli.checkpoint import (
     FORMAT_KEY,
     FORMAT_VERSION,
     Checkpoint,
-    load_model,
     model_tensors,
     read_checkpoint,
     write_checkpoint,
 )
 from numclip_cli.errors import CheckpointError
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.model.methods import METHODS, create_model
 from numclip_cli.tasks import get_task
 
 TRAIN_INFO = {"epochs": 0, "data": "none", "numclip": "test"}
+
+
+def load_model(path: Path):
+    """Model, backbone and checkpoint of a file, through the one factory."""
+    loaded = create_model_and_transforms(checkpoint=path)
+    return loaded.model, loaded.backbone, loaded.checkpoint
 
 
 def save_model(path: Path, model, backbone, method: str = "numclip") -> Path:

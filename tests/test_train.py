@@ -12,8 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from numclip_cli.checkpoint import load_model, read_checkpoint
+from numclip_cli.checkpoint import read_checkpoint
 from numclip_cli.cli.app import app
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.synthetic import write_dataset
 from numclip_cli.trainer import last_path
 
@@ -97,11 +98,12 @@ def test_checkpoint_metadata_follows_the_format(trained: Path) -> None:
 
 def test_predict_from_checkpoint_matches_the_in_process_model(trained: Path, small: Path) -> None:
     images = sorted(str(p) for p in small.glob("*/*.png"))[:10]
-    model, backbone, _ = load_model(trained)
+    loaded = create_model_and_transforms(checkpoint=trained)
+    model, transform = loaded.model, loaded.transform
     from numclip_cli.images import load_rgb
 
     with torch.inference_mode():
-        batch = torch.stack([backbone.preprocess(load_rgb(p)) for p in images])
+        batch = torch.stack([transform(load_rgb(p)) for p in images])
         expected = model(batch).value
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(Path(sys.executable).parent / "numclip"), "predict", *images, "--checkpoint",

@@ -53,14 +53,16 @@ def calibrate(
 
     from numclip_cli import calibration
     from numclip_cli.atomic import atomic_write_bytes
-    from numclip_cli.checkpoint import load_model, write_checkpoint
+    from numclip_cli.checkpoint import write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
-    model, backbone, ckpt = load_model(checkpoint, dev)
+    loaded = create_model_and_transforms(dev, checkpoint=checkpoint)
+    model, ckpt = loaded.model, loaded.checkpoint
     samples = load_samples(data, ckpt.task)
     if ckpt.calibration:
         reporter.info("the checkpoint is already calibrated: refitting from its uncalibrated outputs")
@@ -68,11 +70,10 @@ def calibrate(
     from numclip_cli.faces import ONE_VIEW_MODES, face_transform, resolve_mode
 
     # calibrate on the same kind of crop the checkpoint was trained and predicts on
-    face_mode, face_warning = resolve_mode(None, ckpt.task.faces, ONE_VIEW_MODES)
+    face_mode, face_warning = resolve_mode(None, loaded.preprocess.faces, ONE_VIEW_MODES)
     if face_warning:
         reporter.warn(face_warning)
-    margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
-    transform = face_transform(face_mode, margin, backbone.preprocess)
+    transform = face_transform(face_mode, loaded.preprocess.face_margin, loaded.transform)
     held = calibration.collect(Predictor(model, dev), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))

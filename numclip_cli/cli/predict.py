@@ -102,17 +102,17 @@ def predict(
         resolve_mode(faces, "none")
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
-    from numclip_cli.session import open_session
+    from numclip_cli.factory import create_model_and_transforms
 
-    session = open_session(dev, checkpoint=str(checkpoint) if checkpoint else None, model=model,
-                           pretrained=pretrained, task=task)
-    face_mode, face_warning = resolve_mode(faces, session.task.faces)
+    session = create_model_and_transforms(dev, checkpoint=checkpoint, model=model, pretrained=pretrained, task=task)
+    face_mode, face_warning = resolve_mode(faces, session.preprocess.faces)
     for message in session.warnings + ([face_warning] if face_warning else []):
         reporter.warn(message)
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
     counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
-                           reporter, fast, face_crops(face_mode, _margin(face_margin, session)))
+                           reporter, fast, face_crops(face_mode, session.preprocess.face_margin
+                                                      if face_margin is None else face_margin))
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
         raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
@@ -124,16 +124,6 @@ def predict(
     if failed:
         reporter.warn(f"{failed} of {ok + failed} input(s) could not be used (see their error records)")
     raise typer.Exit(EXIT_FAILED if ok == 0 else EXIT_PARTIAL if failed else EXIT_OK)
-
-
-def _margin(requested: float | None, session) -> float:
-    """An explicit --face-margin, else the margin the checkpoint was trained with, else the default."""
-    from numclip_cli.faces import DEFAULT_MARGIN
-
-    if requested is not None:
-        return requested
-    trained = session.checkpoint.train.get("config", {}) if session.checkpoint else {}
-    return float(trained.get("face_margin", DEFAULT_MARGIN))
 
 
 def _default_format(output: Path | None) -> str:
@@ -171,7 +161,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
         bar = progress.add_task("predict", total=len(paths), status="")
         try:
             # one group per input: a single record, or one per face with --faces all
-            for group in predictor.input_records(paths, session.backbone.preprocess, batch_size, workers, crops):
+            for group in predictor.input_records(paths, session.transform, batch_size, workers, crops):
                 for record in group:
                     writer.write(record)
                 if group[0]["status"] == "ok":

@@ -57,8 +57,9 @@ def train(
         "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
                         "none: whole images (default: the task's, largest for age; needs numclip\\[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
-    face_margin: Annotated[float, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
+    face_margin: Annotated[float | None, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default 0.4).",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -69,17 +70,16 @@ def train(
     import dataclasses
 
     from numclip_cli.atomic import atomic_write_bytes
-    from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import load_samples, split_validation
-    from numclip_cli.distributed import init_world, launched_by_torchrun
+    from numclip_cli.distributed import init_world
     from numclip_cli.errors import UsageError
-    from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
-    from numclip_cli.session import default_pretrained
+    from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.factory import open_backbone, resolve_device
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
-    world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
+    world = init_world(resolve_device(device).type)
     reporter = Reporter(quiet or not world.is_main, verbose)
     spec = get_task(task or _task_beside(data))
     face_mode, face_warning = resolve_mode(faces, spec.faces, ONE_VIEW_MODES)
@@ -94,21 +94,14 @@ def train(
         raise UsageError(f"--milestones {milestones!r}: expected comma-separated epochs") from None
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
                          tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed, amp=amp,
-                         workers=workers, face_margin=face_margin)
+                         workers=workers, face_margin=DEFAULT_MARGIN if face_margin is None else face_margin)
     dev = announce_device(device, reporter)
-    if dev.type == "cuda" and launched_by_torchrun():
-        import torch
-
-        dev = torch.device("cuda", world.local_rank)
     if world.distributed:
         reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
-    from numclip_cli.backbone import load_backbone
-
-    name = model or DEFAULT_MODEL
-    tag = pretrained or default_pretrained(name)
-    if tag == "none":
-        reporter.warn(f"--pretrained none: training {name} from random initialisation")
-    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
+    backbone, notes = open_backbone(model, pretrained, dev, init_seed=seed, for_training=True)
+    for note in notes:
+        reporter.warn(note)
+    trainer = Trainer(backbone, spec, config, dev, world)
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -135,12 +128,6 @@ def train(
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _task_beside(data: Path) -> str:

@@ -57,9 +57,19 @@ def images(tiny_backbone) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def numclip_model(tiny_backbone):
+def own_backbone(tiny_backbone):
+    """A random-init tiny backbone from another seed: the checkpoint must carry it, since loading a
+    ``pretrained none`` checkpoint starts from the seed-0 init (``tiny_backbone``) and a load that kept that
+    init would otherwise go unnoticed."""
+    backbone = load_backbone("numclip-tiny", "none", init_seed=7)
+    assert not torch.equal(backbone.model.visual.proj, tiny_backbone.model.visual.proj)
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def numclip_model(own_backbone):
     torch.manual_seed(0)
-    model = create_model("numclip", tiny_backbone, get_task("age")).eval()
+    model = create_model("numclip", own_backbone, get_task("age")).eval()
     with torch.no_grad():  # move the learnable parts off their init so a load that ignores them shows
         for p in [model.prompt.context, model.prompt.words, *model.adapter.parameters(),
                   *model.regressor.parameters()]:
@@ -68,8 +78,8 @@ def numclip_model(tiny_backbone):
 
 
 @pytest.fixture(scope="module")
-def checkpoint_file(tmp_path_factory, numclip_model, tiny_backbone) -> Path:
-    return save_model(tmp_path_factory.mktemp("ckpt") / "model.safetensors", numclip_model, tiny_backbone)
+def checkpoint_file(tmp_path_factory, numclip_model, own_backbone) -> Path:
+    return save_model(tmp_path_factory.mktemp("ckpt") / "model.safetensors", numclip_model, own_backbone)
 
 
 def test_round_trip_on_random_init_backbone(checkpoint_file: Path, numclip_model, images) -> None:
@@ -78,6 +88,9 @@ def test_round_trip_on_random_init_backbone(checkpoint_file: Path, numclip_model
     assert ckpt.method == "numclip" and ckpt.task == get_task("age") and ckpt.train == TRAIN_INFO
     assert backbone.name == "numclip-tiny" and backbone.random_init
     assert not loaded.training
+    saved = numclip_model.state_dict()
+    for key, value in loaded.state_dict().items():  # every tensor arrived, the backbone's included
+        assert torch.equal(value, saved[key]), key
     before, after = outputs(numclip_model, images), outputs(loaded, images)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)
@@ -90,19 +103,11 @@ def test_reloaded_prompts_give_the_saved_text_features(checkpoint_file: Path, nu
         torch.testing.assert_close(loaded.text_features(), numclip_model.text_features(), atol=1e-5, rtol=1e-5)
 
 
-def perturbed_weights(backbone, seed: int = 1) -> dict[str, torch.Tensor]:
-    """The backbone's weights moved away from any seeded init: a load that silently keeps an init shows."""
-    generator = torch.Generator().manual_seed(seed)
-    return {key: (value + 0.05 * torch.randn(value.shape, generator=generator)).contiguous()
-            if value.dtype.is_floating_point else value.contiguous()
-            for key, value in backbone.model.state_dict().items()}
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_backbone, images, method: str) -> None:
+def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_weights_off_init, images, method: str) -> None:
     """File weights travel inside the checkpoint (metadata never names a file) and arrive exactly."""
     weights = tmp_path / "tiny.safetensors"
-    trained = perturbed_weights(tiny_backbone)
+    trained = tiny_weights_off_init
     save_file(trained, str(weights))
     backbone = load_backbone("numclip-tiny", str(weights))
     model = create_model(method, backbone, get_task("hci")).eval()
@@ -148,10 +153,10 @@ def test_loading_never_unpickles(monkeypatch: pytest.MonkeyPatch, checkpoint_fil
     assert outputs(model, images).value.shape == (4,)
 
 
-def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, numclip_model, tiny_backbone) -> None:
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, numclip_model, own_backbone) -> None:
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"previous")
-    save_model(path, numclip_model, tiny_backbone)
+    save_model(path, numclip_model, own_backbone)
     assert read_checkpoint(path).method == "numclip"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 

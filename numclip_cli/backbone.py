@@ -29,17 +29,9 @@ HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
-HOW_TO_PROVIDE_WEIGHTS = (
-    "provide weights in one of three ways: --pretrained FILE (a local open_clip .safetensors/.bin file), "
-    "--model local-dir:DIR (a folder with open_clip_config.json and weights), or put them in the Hugging Face "
-    "cache (HF_HOME) on a machine with network and copy it here; to try numclip without any download, use "
-    "the shipped demo: numclip predict IMAGES --checkpoint weights/numclip-tiny-dots.safetensors"
-)
-
-
-def set_offline() -> None:
-    """Never touch the network: must run before huggingface_hub is imported."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+# the pointer every missing-weights error ends with: the demo that needs none, and where real weights go
+HOW_TO_PROVIDE_WEIGHTS = ("try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots; for real weights "
+                          "see --pretrained/--model in `numclip predict --help`, or docs/weights.md")
 
 
 def register_model_configs() -> None:
@@ -259,14 +251,13 @@ def _check_hub_weights(name: str, tag: str) -> None:
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in candidates):
         return
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise WeightsError(f"weights for {name} / {tag} are not in the local Hugging Face cache and --offline "
-                           f"forbids downloading them; {HOW_TO_PROVIDE_WEIGHTS}")
+        raise WeightsError(f"no weights for {name} / {tag} (not cached, offline); {HOW_TO_PROVIDE_WEIGHTS}")
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=3).close()
     except OSError:
-        raise WeightsError(f"weights for {name} / {tag} are not in the local Hugging Face cache and {host} "
-                           f"cannot be reached; {HOW_TO_PROVIDE_WEIGHTS}") from None
+        raise WeightsError(f"no weights for {name} / {tag} (not cached, {host} unreachable); "
+                           f"{HOW_TO_PROVIDE_WEIGHTS}") from None
 
 
 def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:

@@ -38,6 +38,10 @@ from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import TaskSpec, get_task
 
+#: checkpoints that ship with numclip, by the short name ``--checkpoint`` accepts from any directory
+SHIPPED_CHECKPOINTS = ("numclip-tiny-dots",)
+WEIGHTS_ENV = "NUMCLIP_WEIGHTS"  # a folder holding the shipped ``<name>.safetensors`` files (e.g. a wheel install)
+
 
 @dataclass
 class LoadedModel:
@@ -123,7 +127,7 @@ def create_model_and_transforms(device: Any = "cpu", checkpoint: str | Path | No
     if checkpoint is not None:
         if model or pretrained:
             raise UsageError("--checkpoint carries its own backbone: do not combine it with --model/--pretrained")
-        loaded = _from_checkpoint(Path(checkpoint), device)
+        loaded = _from_checkpoint(resolve_checkpoint(checkpoint), device)
         if task is not None:
             wanted = task if isinstance(task, TaskSpec) else loaded.task if task == loaded.task.name else get_task(task)
             if wanted != loaded.task:
@@ -137,6 +141,30 @@ def create_model_and_transforms(device: Any = "cpu", checkpoint: str | Path | No
     warnings = [f"{note}; predictions are meaningless until it is trained" for note in notes]
     preprocess = Preprocessing(image=backbone.preprocess_cfg, faces=spec.faces, face_margin=DEFAULT_MARGIN)
     return LoadedModel(create_model(method, backbone, spec).eval(), backbone, spec, preprocess, None, warnings)
+
+
+def resolve_checkpoint(value: str | Path) -> Path:
+    """The file ``--checkpoint`` means: a shipped checkpoint's short name (exactly one of
+    ``SHIPPED_CHECKPOINTS``; a name is never joined into an arbitrary path), else the path as given."""
+    text = str(value)
+    if text not in SHIPPED_CHECKPOINTS:
+        if not Path(text).exists() and Path(text).name == text and not Path(text).suffix:
+            raise CheckpointError(f"checkpoint not found: {text} (a file path, or a shipped checkpoint: "
+                                  f"{', '.join(SHIPPED_CHECKPOINTS)})")
+        return Path(value)
+    folders = weights_folders()
+    for folder in folders:
+        if (folder / f"{text}.safetensors").is_file():
+            return folder / f"{text}.safetensors"
+    raise CheckpointError(f"shipped checkpoint {text} is not installed (looked in {', '.join(map(str, folders))}); "
+                          f"set {WEIGHTS_ENV} to the folder holding {text}.safetensors")
+
+
+def weights_folders() -> list[Path]:
+    """Where shipped checkpoints are looked up, in order: ``$NUMCLIP_WEIGHTS``, then the ``weights/`` folder
+    beside the package (a clone, or an editable install of it)."""
+    beside_package = Path(__file__).resolve().parent.parent / "weights"
+    return ([Path(os.environ[WEIGHTS_ENV])] if os.environ.get(WEIGHTS_ENV) else []) + [beside_package]
 
 
 def _from_checkpoint(path: Path, device: Any) -> LoadedModel:

@@ -125,3 +125,45 @@ def test_untagged_backbones_are_checked_for_storage_before_training(tmp_path: Pa
     assert backbone.describe()["name"] == "bundle" and str(tmp_path) not in json.dumps(backbone.describe())
     with pytest.raises(UsageError, match="tokenizer_kwargs"):
         open_backbone(f"local-dir:{bundle}", None, for_training=True)
+
+
+# --- shipped checkpoints by short name ---------------------------------------------------------------------------
+
+def test_a_shipped_checkpoint_resolves_by_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  synthetic_images, run_cli) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NUMCLIP_WEIGHTS", raising=False)
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", "numclip-tiny-dots", "--format", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["task"] == "dots"
+
+
+def test_the_weights_folder_variable_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_backbone,
+                                                 synthetic_images, run_cli) -> None:
+    """``NUMCLIP_WEIGHTS`` serves installs without the repository's ``weights/`` folder."""
+    write(tmp_path / "numclip-tiny-dots.safetensors", tiny_backbone, None)  # an "age" model under the name
+    monkeypatch.setenv("NUMCLIP_WEIGHTS", str(tmp_path))
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", "numclip-tiny-dots", "--format", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["task"] == "age"
+
+
+@pytest.mark.parametrize("name", ["other", "../other", "numclip-tiny-dots/../other"])
+def test_only_known_names_are_looked_up(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_backbone,
+                                        synthetic_images, run_cli) -> None:
+    """A name is matched against the shipped names, never joined into the weights folder's path."""
+    folder = tmp_path / "weights" / "inner"
+    folder.mkdir(parents=True)
+    write(folder / "other.safetensors", tiny_backbone, None)
+    write(folder / "other", tiny_backbone, None)
+    monkeypatch.setenv("NUMCLIP_WEIGHTS", str(folder))
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["predict", synthetic_images[0], "--checkpoint", name])
+    assert result.exit_code == 1, result.stderr
+    assert f"checkpoint not found: {name}" in result.stderr
+    assert ("shipped checkpoint: numclip-tiny-dots" in result.stderr) == (name == "other")
+
+
+def test_calibrate_never_rewrites_a_shipped_checkpoint(synthetic_dir: Path, run_cli) -> None:
+    result = run_cli(["calibrate", "--checkpoint", "numclip-tiny-dots", "--data", synthetic_dir])
+    assert result.exit_code == 2 and "--out" in result.stderr

@@ -55,10 +55,13 @@ def calibrate(
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.checkpoint import write_checkpoint
     from numclip_cli.datasets import load_samples
-    from numclip_cli.factory import create_model_and_transforms
+    from numclip_cli.errors import UsageError
+    from numclip_cli.factory import SHIPPED_CHECKPOINTS, create_model_and_transforms
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
+    if out is None and str(checkpoint) in SHIPPED_CHECKPOINTS:
+        raise UsageError(f"{checkpoint} is a shipped checkpoint: write the calibrated copy with --out FILE")
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     loaded = create_model_and_transforms(dev, checkpoint=checkpoint)

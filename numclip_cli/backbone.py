@@ -156,8 +156,11 @@ def load_backbone(
             raise UsageError(f"unknown pretrained tag {tag!r} for {name}: known tags {known}, "
                              f"a weights file, or 'none'")
         _check_hub_weights(name, tag)
-    model, preprocess = _create(name, _weights_label(name, tag), init_seed, model_name=name, pretrained=tag,
-                                device=device)
+    weights_file = tag if tag and _is_weight_file(tag) else None
+    model, preprocess = _create(name, _weights_label(name, tag), init_seed, model_name=name,
+                                pretrained=None if weights_file else tag, device=device)
+    if weights_file:
+        _load_weights_file(model, name, weights_file)
     cfg = open_clip.get_model_config(name) or {}
     label = NO_WEIGHTS if tag is None and schema is None else (tag or "bundle")
     return Backbone(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=name,
@@ -260,12 +263,55 @@ def _check_hub_weights(name: str, tag: str) -> None:
                            f"{HOW_TO_PROVIDE_WEIGHTS}") from None
 
 
-def _weights_error(name: str, pretrained: str, exc: Exception) -> WeightsError:
+def _load_weights_file(model: Any, name: str, path: str) -> None:
+    """Load a local weights file into ``model`` the way open_clip does (it converts known third-party layouts);
+    a file that does not fit names its first tensor that differs, with both shapes."""
+    import open_clip
+
+    try:
+        with _weights_only_loads():
+            open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    except Exception as exc:  # open_clip asserts, torch raises RuntimeError, unpickling raises its own errors
+        mismatch = None if _refused_unpickling(exc) else _mismatch(model, name, path)
+        raise _weights_error(name, path, exc, mismatch) from exc
+
+
+def _mismatch(model: Any, name: str, path: str) -> str | None:
+    """The first way the tensors in ``path`` do not fit ``model`` (None: they fit, or the file is unreadable)."""
+    import open_clip.factory
+
+    try:
+        with _weights_only_loads():
+            state = open_clip.factory.load_state_dict(path, weights_only=True)
+    except Exception:  # unreadable: the loading error itself says why
+        return None
+    expected = {key: list(value.shape) for key, value in model.state_dict().items()}
+    for key, shape in expected.items():  # in the model's order: the first layer that differs
+        if key in state and list(state[key].shape) != shape:
+            return f"tensor {key!r} has shape {list(state[key].shape)}, {name} expects {shape}"
+    for kind, keys in (("missing", [k for k in expected if k not in state]),
+                       ("unexpected", [k for k in state if k not in expected])):
+        if keys:
+            listed = ", ".join(repr(k) for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            return f"{kind} tensor(s) {listed}"
+    return None
+
+
+def _refused_unpickling(exc: Exception) -> bool:
+    """Whether torch's weights-only loader refused a file that needs unpickling."""
+    text = str(exc)
+    return "weights_only" in text or "Unpickl" in type(exc).__name__ or "pickle" in text.lower()
+
+
+def _weights_error(name: str, pretrained: str, exc: Exception, mismatch: str | None = None) -> WeightsError:
     """Turn open_clip's loading failures into one actionable line."""
     text = " ".join(str(exc).split())
-    if "weights_only" in text or "Unpickl" in type(exc).__name__ or "pickle" in text.lower():
+    if _refused_unpickling(exc):
         return WeightsError(f"refusing to load {pretrained}: it is not a plain tensor file "
                             f"(unpickling arbitrary objects is disabled for safety)")
+    if mismatch:
+        return WeightsError(f"{pretrained} does not fit {name}: {mismatch} (weights of another architecture? "
+                            f"check --model)")
     # torch's load_state_dict message names every mismatch; the first one, by name, is what the user needs
     shape = re.search(r"size mismatch for (\S+): copying a param with shape torch\.Size\((.*?)\) from checkpoint, "
                       r"the shape in current model is torch\.Size\((.*?)\)", text)

@@ -169,14 +169,15 @@ def weights_folders() -> list[Path]:
 
 def _from_checkpoint(path: Path, device: Any) -> LoadedModel:
     ckpt = read_checkpoint(path)
-    stored = {key: tuple(value.shape) for key, value in ckpt.tensors.items()}
+    tensors = ckpt.model_tensors()  # a resumable ``last`` checkpoint also holds the optimizer state: not needed
+    stored = {key: tuple(value.shape) for key, value in tensors.items()}
     backbone = checkpoint_backbone(ckpt.backbone, str(path), device, stored)
     preprocess = _preprocessing(ckpt, backbone, str(path))
     try:
         model = create_model(ckpt.method, backbone, ckpt.task)
     except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
         raise CheckpointError(f"{path}: {exc}") from None
-    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.stored_in_checkpoint)
+    load_state(model, tensors, str(path), require_backbone=backbone.stored_in_checkpoint)
     return LoadedModel(model.eval(), backbone, ckpt.task, preprocess, ckpt)
 
 

@@ -167,3 +167,33 @@ def test_only_known_names_are_looked_up(name: str, tmp_path: Path, monkeypatch: 
 def test_calibrate_never_rewrites_a_shipped_checkpoint(synthetic_dir: Path, run_cli) -> None:
     result = run_cli(["calibrate", "--checkpoint", "numclip-tiny-dots", "--data", synthetic_dir])
     assert result.exit_code == 2 and "--out" in result.stderr
+
+
+# --- messages and files a newcomer meets -------------------------------------------------------------------------
+
+def test_the_resumable_last_checkpoint_predicts_too(tmp_path: Path, synthetic_dir: Path, synthetic_images,
+                                                    run_cli) -> None:
+    """``*.last.safetensors`` holds the model (plus optimizer state, which predicting ignores)."""
+    out = tmp_path / "m.safetensors"
+    trained = run_cli(["train", "--data", synthetic_dir, "--model", "numclip-tiny", "--pretrained", "none",
+                       "--epochs", "1", "--workers", "0", "--freeze-image", "--out", out, "--device", "cpu"])
+    assert trained.exit_code == 0, trained.stderr
+    last = tmp_path / "m.last.safetensors"
+    assert any(key.startswith("optim.") for key in read_checkpoint(last).tensors)
+    values = []
+    for path in (out, last):  # one epoch: the best checkpoint is the last one
+        result = run_cli(["predict", *synthetic_images[:3], "--checkpoint", path, "--format", "jsonl"])
+        assert result.exit_code == 0, result.stderr
+        values.append([json.loads(line)["value"] for line in result.stdout.splitlines()])
+    assert values[0] == values[1]
+
+
+def test_a_backbone_without_pretrained_weights_is_not_blamed_on_the_user(synthetic_images, run_cli) -> None:
+    """``--model numclip-tiny`` alone: no warning about a ``--pretrained none`` the user never passed."""
+    result = run_cli(["predict", synthetic_images[0], "--model", "numclip-tiny", "--task", "age"])
+    assert result.exit_code == 0, result.stderr
+    assert "numclip-tiny has no pretrained weights: it is randomly initialised" in result.stderr
+    assert "--pretrained" not in result.stderr
+    explicit = run_cli(["predict", synthetic_images[0], "--model", "numclip-tiny", "--pretrained", "none",
+                        "--task", "age"])
+    assert "--pretrained none: numclip-tiny is randomly initialised" in explicit.stderr

@@ -182,15 +182,21 @@ def tiny_weights(tiny_backbone) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("change, words", [
     ("shape", ["'visual.proj'", "[3, 3]", "[128, 64]"]),
-    ("missing", ["missing", '"visual.proj"']),
+    ("missing", ["missing tensor(s) 'visual.proj'"]),
+    ("text-width", ["'positional_embedding'", "[32, 32]", "numclip-tiny expects [32, 64]"]),
 ])
 def test_weights_that_do_not_fit_are_named(change: str, words: list[str], tiny_weights, tmp_path: Path,
                                            synthetic_images, run_cli) -> None:
     weights = dict(tiny_weights)
     if change == "shape":
         weights["visual.proj"] = torch.zeros(3, 3)
-    else:
+    elif change == "missing":
         del weights["visual.proj"]
+    else:  # another architecture: open_clip used to stop at "text pos_embed width changed!"
+        from numclip_cli.backbone import inline_backbone
+
+        narrow = inline_backbone("narrow", {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "width": 32}})
+        weights = {key: value.contiguous() for key, value in narrow.model.state_dict().items()}
     path = tmp_path / "weights.safetensors"
     save_file(weights, str(path))
     result = run_cli(["predict", synthetic_images[0], "--model", "numclip-tiny", "--pretrained", path, "--task", "age"])
@@ -198,6 +204,7 @@ def test_weights_that_do_not_fit_are_named(change: str, words: list[str], tiny_w
     error = one_error_line(result.stderr)
     for word in [str(path), *words]:
         assert word in error, (word, error)
+    assert "demo" not in error  # a wrong file is not a missing-weights problem
 
 
 def test_a_checkpoint_tensor_of_the_wrong_dtype_is_named(tiny_backbone, tmp_path: Path, synthetic_images,

@@ -28,6 +28,7 @@ STORED_WEIGHTS = "stored"  # in checkpoint metadata: the checkpoint carries the 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HUB_PROBE_TIMEOUT = 5.0  # seconds: fail fast instead of minutes of download retries
 
 # the pointer every missing-weights error ends with: the demo that needs none, and where real weights go
 HOW_TO_PROVIDE_WEIGHTS = ("try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots; for real weights "
@@ -238,9 +239,6 @@ def _weights_only_loads() -> Iterator[None]:
 
 def _check_hub_weights(name: str, tag: str) -> None:
     """Fail fast (instead of minutes of retries) when tagged weights are neither cached nor reachable."""
-    import socket
-    from urllib.parse import urlparse
-
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
@@ -255,12 +253,26 @@ def _check_hub_weights(name: str, tag: str) -> None:
         return
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsError(f"no weights for {name} / {tag} (not cached, offline); {HOW_TO_PROVIDE_WEIGHTS}")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise WeightsError(f"no weights for {name} / {tag} (not cached, {unreachable}); {HOW_TO_PROVIDE_WEIGHTS}")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the Hugging Face endpoint cannot be reached, or None when it answers.
+
+    The probe is a HEAD request through huggingface_hub's own HTTP client, so it goes where downloads would:
+    ``HF_ENDPOINT`` with its scheme and port, through ``HTTPS_PROXY``/``HTTP_PROXY`` (minus ``NO_PROXY``). Any
+    answer below 500 means reachable; a 5xx is typically a proxy that cannot reach the endpoint either.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
     try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        raise WeightsError(f"no weights for {name} / {tag} (not cached, {host} unreachable); "
-                           f"{HOW_TO_PROVIDE_WEIGHTS}") from None
+        status = get_session().head(constants.ENDPOINT, timeout=timeout).status_code
+    except Exception as exc:  # the client's connect, proxy and timeout errors
+        return f"{constants.ENDPOINT} unreachable: {type(exc).__name__}"
+    return f"{constants.ENDPOINT} answered HTTP {status}" if status >= 500 else None
 
 
 def _load_weights_file(model: Any, name: str, path: str) -> None:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +19,8 @@ from safetensors.torch import save_file
 from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone
 from numclip_cli.errors import UsageError, WeightsError
 from numclip_cli.factory import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("spec", ["auto", "cpu", " CPU ", "cpu:0"])
@@ -119,3 +128,72 @@ def test_unknown_model_or_tag_is_a_usage_error(name: str, pretrained: str, words
     with pytest.raises(UsageError) as info:
         load_backbone(name, pretrained)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# --- the fail-fast reachability probe goes where huggingface_hub's downloads go ------------------------------
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers HEAD with 200 and refuses CONNECT with 502; every request line is kept in ``server.seen``."""
+
+    def do_HEAD(self) -> None:
+        self.server.seen.append(f"HEAD {self.path}")
+        self.send_response(200)
+        self.end_headers()
+
+    def do_CONNECT(self) -> None:
+        self.server.seen.append(f"CONNECT {self.path}")
+        self.send_response(502)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def local_server() -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def probe(env: dict[str, str], **settings: str) -> str | None:
+    """``hub_unreachable()`` in a fresh interpreter (huggingface_hub reads its endpoint and proxies at start)."""
+    env = {k: v for k, v in env.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and k != "HF_HUB_OFFLINE"}
+    code = "from numclip_cli.backbone import hub_unreachable; print(repr(hub_unreachable(timeout=10)))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT), **settings},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout.strip())
+
+
+def test_the_probe_uses_the_endpoints_scheme_and_port(local_server, clean_env) -> None:
+    """A mirror such as http://mirror:8080: the old probe opened a raw socket to port 443 of its host."""
+    port = local_server.server_address[1]
+    assert probe(clean_env, HF_ENDPOINT=f"http://127.0.0.1:{port}") is None
+    assert local_server.seen == ["HEAD /"]
+
+
+def test_the_probe_goes_through_the_http_proxy(local_server, clean_env) -> None:
+    port = local_server.server_address[1]
+    result = probe(clean_env, HF_ENDPOINT="http://mirror.invalid:8080", HTTP_PROXY=f"http://127.0.0.1:{port}")
+    assert local_server.seen == ["HEAD http://mirror.invalid:8080/"] and result is None
+
+
+def test_the_probe_goes_through_the_https_proxy(local_server, clean_env) -> None:
+    port = local_server.server_address[1]
+    result = probe(clean_env, HF_ENDPOINT="https://hub.invalid", HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    assert local_server.seen == ["CONNECT hub.invalid:443"]  # the proxy saw it, and refused: so is the hub
+    assert result is not None and "https://hub.invalid unreachable" in result
+
+
+def test_the_probe_says_which_endpoint_is_unreachable(clean_env) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = probe(clean_env, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result is not None and f"http://127.0.0.1:{port} unreachable" in result

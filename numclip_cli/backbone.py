@@ -1,12 +1,15 @@
 """open_clip backbones: architecture names + pretrained tags, local weight files, ``local-dir:`` and
-``hf-hub:`` bundles, the shipped ``numclip-tiny`` config, and device choice.
+``hf-hub:`` bundles, inline configs carried by checkpoints, the shipped ``numclip-tiny`` config, and the
+fail-fast check for weights that are neither cached nor reachable.
 
 Weights are only ever read with ``weights_only=True`` (torch files) or from safetensors; nothing is unpickled.
+Which of these a checkpoint's metadata may ask for is decided in numclip_cli.factory (see docs/weights.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import stat
@@ -28,6 +31,7 @@ STORED_WEIGHTS = "stored"  # in checkpoint metadata: the checkpoint carries the 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+DEFAULT_CONTEXT_LENGTH = 77  # open_clip's, for an inline text config that does not say
 HUB_PROBE_TIMEOUT = 5.0  # seconds: fail fast instead of minutes of download retries
 
 # the pointer every missing-weights error ends with: the demo that needs none, and where real weights go
@@ -175,15 +179,22 @@ def inline_backbone(label: str, model_cfg: dict[str, Any], device: Any = "cpu", 
     CLIP config (``numclip-tiny``): every architecture field is replaced, nothing is read or written, and
     ``label`` is only a name for messages and metadata. Inline configs use CLIP's own tokenizer.
     """
-    import open_clip
 
     register_model_configs()
     overrides = {key: value for key, value in model_cfg.items() if key != "custom_text"}
     model, preprocess = _create(label, NO_WEIGHTS, init_seed, model_name=TINY_MODEL, pretrained=None, device=device,
                                 force_custom_text=bool(model_cfg.get("custom_text", False)), **overrides)
-    tokenizer = open_clip.get_tokenizer(TINY_MODEL, context_length=model_cfg["text_cfg"]["context_length"])
+    tokenizer = _clip_tokenizer(model_cfg["text_cfg"].get("context_length", DEFAULT_CONTEXT_LENGTH))
     return Backbone(model=model, preprocess=preprocess, tokenizer=tokenizer, name=label, pretrained=NO_WEIGHTS,
                     model_cfg=dict(model_cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _clip_tokenizer(context_length: int) -> Any:
+    """CLIP's own tokenizer (reading its vocabulary takes a moment: the shape check builds a model first)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(TINY_MODEL, context_length=context_length)
 
 
 def _weights_label(name: str, tag: str | None) -> str:

@@ -31,7 +31,7 @@ from numclip_cli.backbone import (
     load_backbone,
 )
 from numclip_cli.checkpoint import BACKBONE_PREFIX, Checkpoint, load_state, read_checkpoint
-from numclip_cli.errors import CheckpointError, UsageError
+from numclip_cli.errors import CheckpointError, UsageError, WeightsError
 from numclip_cli.faces import DEFAULT_MARGIN
 from numclip_cli.inline_config import check_inline_config
 from numclip_cli.model.methods import OrdinalModel, create_model
@@ -206,7 +206,12 @@ def checkpoint_backbone(info: dict[str, Any], source: str, device: Any = "cpu",
     device, so a small file declaring a huge model is refused before anything is allocated."""
     build = _builder(info, source)
     if stored is not None and info["pretrained"] in (NO_WEIGHTS, STORED_WEIGHTS):
-        _check_carried(build("meta"), stored, source)
+        try:
+            declared = build("meta")
+        except WeightsError as exc:  # e.g. a width that its head count does not divide
+            raise CheckpointError(f"{source}: backbone {info['name']!r} cannot be built from its config "
+                                  f"({' '.join(str(exc.__cause__ or exc).split())[:120]})") from None
+        _check_carried(declared, stored, source)
     backbone = build(device)
     return dataclasses.replace(backbone, pretrained=info["pretrained"]) if not backbone.tagged else backbone
 

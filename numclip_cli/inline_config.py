@@ -27,6 +27,16 @@ MAX_IMAGE_TOKENS = 1600  # (image_size / patch_size)², e.g. 40 x 40; open_clip'
 MAX_MLP_RATIO = 16.0
 CLIP_VOCAB = 49408  # CLIP's tokenizer: a text tower with fewer token embeddings cannot embed its ids
 
+# every allowed field, by the kind of value it takes
+_INTS = {"embed_dim", "width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length",
+         "vocab_size", "attn_pooler_queries", "attn_pooler_heads", "pad_id", "eos_id"}
+_BOOLS = {"quick_gelu", "nonscalar_logit_scale", "custom_text", "attentional_pool", "no_ln_pre",
+          "final_ln_after_pool", "output_tokens", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
+          "scale_attn", "scale_fc", "embed_cls", "no_causal_mask", "proj_bias"}
+_NUMBERS = {"mlp_ratio", "ls_init_value", "patch_dropout", "init_logit_scale", "init_logit_bias"}
+_WORDS = {"pool_type", "pos_embed_type", "block_type", "proj_type"}
+_LISTS = {"layers": 4, "image_size": 2}  # a ModifiedResNet's blocks per stage; a (height, width)
+_OPTIONAL = {"ls_init_value", "init_logit_bias", "block_type"}  # may be null
 _COMMON = {"layers", "width", "mlp_ratio", "ls_init_value", "final_ln_after_pool", "pool_type", "output_tokens",
            "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
            "scale_fc"}
@@ -38,6 +48,7 @@ _TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale",
         "nonscalar_logit_scale", "custom_text"}
 _REQUIRED = {"embed_dim", "vision_cfg", "text_cfg"}
 _EXTERNAL = ("hf_", "timm_", "tokenizer_")  # fields that make open_clip fetch or read something
+_POSITIVE = {"embed_dim", "width", "heads", "head_width", "patch_size", "image_size", "context_length"}
 
 
 def check_inline_config(cfg: Any) -> None:
@@ -79,29 +90,28 @@ def _check_fields(section: dict[str, Any], allowed: set[str], where: str) -> Non
 
 
 def _check_value(value: Any, key: str, where: str) -> None:
-    if value is None or isinstance(value, bool):
+    if value is None and key in _OPTIONAL:
         return
-    if isinstance(value, int):
-        limit = MAX_MLP_RATIO if key == "mlp_ratio" else CAPS.get(key, 1 << 20)
-        if not 0 <= value <= limit:
-            raise ValueError(f"{where} = {value} is out of range (at most {limit:g})")
-        if key in ("width", "heads", "head_width", "patch_size", "image_size", "context_length", "embed_dim") \
-                and value < 1:
-            raise ValueError(f"{where} must be at least 1")
-        return
-    if isinstance(value, float):
-        limit = MAX_MLP_RATIO if key == "mlp_ratio" else 1e6
-        if not math.isfinite(value) or abs(value) > limit or (key == "mlp_ratio" and value <= 0):
-            raise ValueError(f"{where} = {value!r} is out of range")
-        return
-    if isinstance(value, str):
-        if len(value) > 32 or not value.replace("_", "").isalnum():
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false")
+    elif key in _WORDS:
+        if not (isinstance(value, str) and 0 < len(value) <= 32 and value.replace("_", "").isalnum()):
             raise ValueError(f"{where} is not a plain option word")
-        return
-    if isinstance(value, list) and key in ("layers", "image_size") and 1 <= len(value) <= 4:
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise ValueError(f"{where} must hold integers")
-            _check_value(item, key, where)
-        return
-    raise ValueError(f"{where} has an unsupported value type ({type(value).__name__})")
+    elif key in _NUMBERS:
+        limit = MAX_MLP_RATIO if key == "mlp_ratio" else 1e6
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or abs(value) > limit or (key == "mlp_ratio" and value <= 0):
+            raise ValueError(f"{where} must be a number within ±{limit:g}" + (" above 0" if key == "mlp_ratio" else ""))
+    elif key in _INTS:
+        items = value if isinstance(value, list) and key in _LISTS and len(value) == _LISTS[key] else [value]
+        for item in items:
+            _check_int(item, key, where)
+    else:
+        raise ValueError(f"{where} is not a known field")
+
+
+def _check_int(value: Any, key: str, where: str) -> None:
+    lowest = 1 if key in _POSITIVE else 0
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= CAPS[key]:
+        raise ValueError(f"{where} must be an integer from {lowest} to {CAPS[key]}")

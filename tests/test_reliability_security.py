@@ -442,3 +442,51 @@ def test_a_pickle_in_a_local_dir_bundle_is_named(hostile_files, marker: Path, tm
     error = one_error_line(result.stderr)
     assert f"refusing to load local-dir:{bundle} (open_clip_pytorch_model.bin)" in error
     assert "openai" not in error
+
+
+def _configs():
+    """Small buildable CLIP configs, often with one field changed to something odd or external."""
+    from hypothesis import strategies as st
+
+    def assemble(embed, head_width, vision_k, patch, grid, vision_layers, heads, text_k, context, text_layers, change):
+        cfg = {"embed_dim": embed,
+               "vision_cfg": {"image_size": patch * grid, "patch_size": patch, "width": head_width * vision_k,
+                              "head_width": head_width, "layers": vision_layers},
+               "text_cfg": {"context_length": context, "vocab_size": 49408, "width": heads * 8 * text_k,
+                            "heads": heads, "layers": text_layers}}
+        if change:
+            section, key, value = change
+            (cfg if section is None else cfg[section])[key] = value
+        return cfg
+
+    odd = st.sampled_from([-1, 0, 3, 10**7, 1.5, float("nan"), "x", None, True, [4, 4], [1, 1, 1, 1], {}])
+    keys = st.sampled_from([(None, "embed_dim"), (None, "quick_gelu"), (None, "init_logit_bias"),
+                            (None, "multimodal_cfg"), (None, "custom_text"),
+                            ("vision_cfg", "image_size"), ("vision_cfg", "patch_size"), ("vision_cfg", "width"),
+                            ("vision_cfg", "layers"), ("vision_cfg", "mlp_ratio"), ("vision_cfg", "pool_type"),
+                            ("vision_cfg", "timm_model_name"), ("text_cfg", "context_length"),
+                            ("text_cfg", "vocab_size"), ("text_cfg", "heads"), ("text_cfg", "eos_id"),
+                            ("text_cfg", "hf_tokenizer_name"), ("text_cfg", "tokenizer_kwargs")])
+    change = st.one_of(st.none(), st.builds(lambda k, v: (*k, v), keys, odd))
+    return st.builds(assemble, st.integers(1, 64), st.sampled_from([8, 16, 32]), st.integers(1, 4),
+                     st.sampled_from([8, 16, 32]), st.integers(1, 8), st.integers(1, 3), st.integers(1, 4),
+                     st.integers(1, 4), st.integers(1, 40), st.integers(1, 2), change)
+
+
+def test_any_inline_config_is_refused_in_one_line_unless_carried() -> None:
+    """Whatever a stranger's config says (odd sizes, types, external names), reading it against a file that carries
+    no backbone tensor ends in a one-line CheckpointError: never another exception, never an allocation."""
+    from hypothesis import HealthCheck, given, settings
+
+    from numclip_cli.errors import CheckpointError
+    from numclip_cli.factory import checkpoint_backbone
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_configs())
+    def check(cfg: dict) -> None:
+        with pytest.raises(CheckpointError) as info:
+            checkpoint_backbone({"name": "fuzzed", "pretrained": "none", "model_cfg": cfg}, "f.safetensors",
+                                stored={})
+        assert "\n" not in str(info.value) and str(info.value).startswith("f.safetensors: ")
+
+    check()

@@ -35,8 +35,8 @@ DEFAULT_CONTEXT_LENGTH = 77  # open_clip's, for an inline text config that does 
 HUB_PROBE_TIMEOUT = 5.0  # seconds: fail fast instead of minutes of download retries
 
 # the pointer every missing-weights error ends with: the demo that needs none, and where real weights go
-HOW_TO_PROVIDE_WEIGHTS = ("try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots; for real weights "
-                          "see --pretrained/--model in `numclip predict --help`, or docs/weights.md")
+HOW_TO_PROVIDE_WEIGHTS = ("try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots; real weights: "
+                          "--pretrained FILE or --model local-dir:DIR (see `numclip predict --help`, docs/weights.md)")
 
 
 def register_model_configs() -> None:

@@ -113,7 +113,8 @@ def test_offline_missing_hub_weights_say_how_to_provide_them(monkeypatch: pytest
         load_backbone("ViT-B-16", "openai")
     message = str(info.value)
     assert "\n" not in message and len(message) < 250  # it used to be 400 characters
-    for words in ("no weights for ViT-B-16 / openai", "not cached, offline", "--pretrained", "docs/weights.md",
+    for words in ("no weights for ViT-B-16 / openai", "not cached, offline", "--pretrained FILE", "local-dir:DIR",
+                  "docs/weights.md",
                   "try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots"):
         assert words in message, words
     assert HOW_TO_PROVIDE_WEIGHTS in message

@@ -52,6 +52,18 @@ def tiny_backbone():
 
 
 @pytest.fixture(scope="session")
+def tiny_weights_off_init(tiny_backbone) -> dict:
+    """``numclip-tiny`` weights that no seeded init reproduces (the tiny backbone's, moved by seeded noise): a test
+    that loads them and compares with them fails if loading silently keeps an init."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return {key: (value + 0.05 * torch.randn(value.shape, generator=generator)).contiguous()
+            if value.dtype.is_floating_point else value.contiguous()
+            for key, value in tiny_backbone.model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder-per-label "count the dots" dataset (seed 0) with its ``task.toml``; returns the folder."""
     from numclip_cli.synthetic import write_dataset

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,8 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone, resolve_device
+from numclip_cli.backbone import HOW_TO_PROVIDE_WEIGHTS, load_backbone
 from numclip_cli.errors import UsageError, WeightsError
+from numclip_cli.factory import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -76,13 +86,15 @@ def test_random_init_is_seeded() -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_backbone_from_local_weight_files(tmp_path: Path, tiny_backbone) -> None:
-    state = {k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}
+def test_backbone_from_local_weight_files(tmp_path: Path, tiny_backbone, tiny_weights_off_init) -> None:
+    """Weights no init reproduces arrive exactly, from safetensors and from a torch file."""
+    state = tiny_weights_off_init
+    fresh = tiny_backbone.model.state_dict()
+    assert not any(torch.equal(state[k], fresh[k]) for k in state if state[k].dtype.is_floating_point)
     st_file, pt_file = tmp_path / "w.safetensors", tmp_path / "w.pt"
     save_file(state, str(st_file))
-    torch.save(tiny_backbone.model.state_dict(), pt_file)
+    torch.save(state, pt_file)
     for path in (st_file, pt_file):
-        torch.manual_seed(123)  # a different random init underneath: the file must overwrite all of it
         backbone = load_backbone("numclip-tiny", str(path))
         assert backbone.pretrained == str(path) and not backbone.random_init
         loaded = backbone.model.state_dict()
@@ -119,8 +131,10 @@ def test_offline_missing_hub_weights_say_how_to_provide_them(monkeypatch: pytest
     with pytest.raises(WeightsError) as info:
         load_backbone("ViT-B-16", "openai")
     message = str(info.value)
-    assert "\n" not in message
-    for words in ("--pretrained", "local-dir:", "cache", "ViT-B-16", "openai"):
+    assert "\n" not in message and len(message) < 250  # it used to be 400 characters
+    for words in ("no weights for ViT-B-16 / openai", "not cached, offline", "--pretrained FILE", "local-dir:DIR",
+                  "docs/weights.md",
+                  "try the dots demo: numclip predict IMAGE --checkpoint numclip-tiny-dots"):
         assert words in message, words
     assert HOW_TO_PROVIDE_WEIGHTS in message
 
@@ -134,3 +148,72 @@ def test_unknown_model_or_tag_is_a_usage_error(name: str, pretrained: str, words
     with pytest.raises(UsageError) as info:
         load_backbone(name, pretrained)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# --- the fail-fast reachability probe goes where huggingface_hub's downloads go ------------------------------
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers HEAD with 200 and refuses CONNECT with 502; every request line is kept in ``server.seen``."""
+
+    def do_HEAD(self) -> None:
+        self.server.seen.append(f"HEAD {self.path}")
+        self.send_response(200)
+        self.end_headers()
+
+    def do_CONNECT(self) -> None:
+        self.server.seen.append(f"CONNECT {self.path}")
+        self.send_response(502)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def local_server() -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def probe(env: dict[str, str], **settings: str) -> str | None:
+    """``hub_unreachable()`` in a fresh interpreter (huggingface_hub reads its endpoint and proxies at start)."""
+    env = {k: v for k, v in env.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and k != "HF_HUB_OFFLINE"}
+    code = "from numclip_cli.backbone import hub_unreachable; print(repr(hub_unreachable(timeout=10)))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT), **settings},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return ast.literal_eval(proc.stdout.strip())
+
+
+def test_the_probe_uses_the_endpoints_scheme_and_port(local_server, clean_env) -> None:
+    """A mirror such as http://mirror:8080: the old probe opened a raw socket to port 443 of its host."""
+    port = local_server.server_address[1]
+    assert probe(clean_env, HF_ENDPOINT=f"http://127.0.0.1:{port}") is None
+    assert local_server.seen == ["HEAD /"]
+
+
+def test_the_probe_goes_through_the_http_proxy(local_server, clean_env) -> None:
+    port = local_server.server_address[1]
+    result = probe(clean_env, HF_ENDPOINT="http://mirror.invalid:8080", HTTP_PROXY=f"http://127.0.0.1:{port}")
+    assert local_server.seen == ["HEAD http://mirror.invalid:8080/"] and result is None
+
+
+def test_the_probe_goes_through_the_https_proxy(local_server, clean_env) -> None:
+    port = local_server.server_address[1]
+    result = probe(clean_env, HF_ENDPOINT="https://hub.invalid", HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    assert local_server.seen == ["CONNECT hub.invalid:443"]  # the proxy saw it, and refused: so is the hub
+    assert result is not None and "https://hub.invalid unreachable" in result
+
+
+def test_the_probe_says_which_endpoint_is_unreachable(clean_env) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = probe(clean_env, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result is not None and f"http://127.0.0.1:{port} unreachable" in result

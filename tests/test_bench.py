@@ -126,15 +126,15 @@ def test_reference_path_recomputes_text_features_but_predicts_the_same(tiny_back
 
 @pytest.mark.slow
 def test_fast_predict_agrees_with_fp32_on_the_trained_tiny_model(tmp_path: Path) -> None:
-    from numclip_cli.checkpoint import load_model
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.synthetic import write_dataset
 
     write_dataset("dots", tmp_path, n=300, seed=7)
     paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
-    model, backbone, _ = load_model(DEMO_CHECKPOINT, CPU)
-    fp32 = [r["bin_index"] for r in Predictor(model, CPU).records(paths, backbone.preprocess, 64, workers=0)]
-    fast_model, _, _ = load_model(DEMO_CHECKPOINT, CPU)
-    fast = [r["bin_index"] for r in Predictor(fast_model, CPU, fast=True).records(paths, backbone.preprocess, 64,
+    loaded = create_model_and_transforms(CPU, checkpoint=DEMO_CHECKPOINT)
+    fp32 = [r["bin_index"] for r in Predictor(loaded.model, CPU).records(paths, loaded.transform, 64, workers=0)]
+    fast_model = create_model_and_transforms(CPU, checkpoint=DEMO_CHECKPOINT).model
+    fast = [r["bin_index"] for r in Predictor(fast_model, CPU, fast=True).records(paths, loaded.transform, 64,
                                                                                    workers=0)]
     quantized = [m for m in fast_model.clip.visual.modules() if "quantized.dynamic" in type(m).__module__]
     assert quantized, "--fast did not quantise the image tower"

@@ -248,14 +248,14 @@ def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overco
 
 @pytest.mark.slow
 def test_calibrated_probabilities_on_the_test_split_are_better(calibrated, overconfident, data) -> None:
-    from numclip_cli.checkpoint import load_model
     from numclip_cli.datasets import load_samples
     from numclip_cli.evaluation import collect
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.predictor import Predictor
 
-    model, backbone, _ = load_model(calibrated["path"])
-    held = collect(Predictor(model, torch.device("cpu")), load_samples(data["test"], SIZE),
-                   backbone.preprocess, batch_size=64, workers=0)
+    loaded = create_model_and_transforms(checkpoint=calibrated["path"])
+    held = collect(Predictor(loaded.model, torch.device("cpu")), load_samples(data["test"], SIZE),
+                   loaded.transform, batch_size=64, workers=0)
     t = calibrated["report"]["temperature"]
     assert cal.calibration_metrics(held, t)["nll"] < cal.calibration_metrics(held, 1.0)["nll"]
     assert cal.calibration_metrics(held, t)["ece"] < cal.calibration_metrics(held, 1.0)["ece"]

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from numclip_cli.backbone import load_backbone
-from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, read_checkpoint, write_checkpoint
+from numclip_cli.checkpoint import Checkpoint, model_tensors, read_checkpoint, write_checkpoint
 from numclip_cli.datasets import load_samples
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.losses import ordinal_pairwise_loss, ordinalclip_kl
 from numclip_cli.model.methods import METHODS, Output, RankModel, create_model
 from numclip_cli.model.ranks import InterpolatedRanks, RankFormer, interpolation_weights
@@ -233,7 +234,8 @@ def test_method_trains_round_trips_and_predicts(method: str, dots_samples, synth
         model = create_model(method, backbone, task)
         write_checkpoint(out, Checkpoint(tensors=model_tensors(model, backbone, tuned_image=False), task=task,
                                          method=method, backbone=backbone.describe()))
-    loaded, _, ckpt = load_model(out)
+    result = create_model_and_transforms(checkpoint=out)
+    loaded, ckpt = result.model, result.checkpoint
     assert ckpt.method == method
     batch = images(3)
     model.eval()

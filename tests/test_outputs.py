@@ -139,7 +139,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import numclip_cli.backbone
     import numclip_cli.checkpoint
     import numclip_cli.datasets
-    import numclip_cli.session
+    import numclip_cli.factory
 
     calls: list[str] = []
 
@@ -149,8 +149,9 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise RuntimeError(f"{name} ran before the output location was checked")
         return work
 
-    for module, name in ((numclip_cli.session, "open_session"), (numclip_cli.backbone, "load_backbone"),
-                         (numclip_cli.checkpoint, "load_model"), (numclip_cli.datasets, "load_samples")):
+    for module, name in ((numclip_cli.factory, "create_model_and_transforms"), (numclip_cli.factory, "open_backbone"),
+                         (numclip_cli.backbone, "load_backbone"), (numclip_cli.checkpoint, "read_checkpoint"),
+                         (numclip_cli.datasets, "load_samples")):
         monkeypatch.setattr(module, name, refuse(name))
     return calls
 

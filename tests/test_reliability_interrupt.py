@@ -136,7 +136,8 @@ def test_first_signal_waits_for_a_safe_point_and_a_second_stops_at_once() -> Non
 @pytest.mark.slow
 def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, tmp_path: Path, clean_env,
                                                             run_cli) -> None:
-    from numclip_cli.checkpoint import load_model, read_checkpoint
+    from numclip_cli.checkpoint import read_checkpoint
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.synthetic import write_dataset
     from numclip_cli.trainer import last_path
 
@@ -161,7 +162,7 @@ def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, t
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     last = read_checkpoint(last_path(out))
     assert last.resume["epoch"] == 1 and len(last.resume["history"]) == 1
-    load_model(out)  # the best checkpoint (epoch 1) loads as a model
+    create_model_and_transforms(checkpoint=out)  # the best checkpoint (epoch 1) loads as a model
     result = run_cli(args[:-1] + ["--resume"])  # in-process: no second start-up
     assert result.exit_code == 0, result.stderr
     assert "resuming after epoch 1 of 3" in result.stderr

@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import Result
 
-from numclip_cli.checkpoint import load_model, read_checkpoint
+from numclip_cli.checkpoint import read_checkpoint
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.synthetic import write_dataset
 from numclip_cli.trainer import last_path
 
@@ -109,11 +110,12 @@ def test_checkpoint_metadata_follows_the_format(trained: Path) -> None:
 def test_predict_from_checkpoint_matches_the_in_process_model(trained: Path, small: Path, numclip_bin: Path,
                                                               clean_env: dict[str, str]) -> None:
     images = sorted(str(p) for p in small.glob("*/*.png"))[:10]
-    model, backbone, _ = load_model(trained)
+    loaded = create_model_and_transforms(checkpoint=trained)
+    model, transform = loaded.model, loaded.transform
     from numclip_cli.images import load_rgb
 
     with torch.inference_mode():
-        batch = torch.stack([backbone.preprocess(load_rgb(p)) for p in images])
+        batch = torch.stack([transform(load_rgb(p)) for p in images])
         expected = model(batch).value
     proc = subprocess.run([str(numclip_bin), "predict", *images, "--checkpoint", str(trained), "--device", "cpu"],
                           capture_output=True, text=True, env=clean_env, timeout=120)

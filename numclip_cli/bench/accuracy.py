@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from numclip_cli import metrics
-from numclip_cli.backbone import TINY_MODEL, Backbone, load_backbone
-from numclip_cli.checkpoint import load_model
+from numclip_cli.backbone import TINY_MODEL
 from numclip_cli.datasets import Samples, load_samples, split_validation
 from numclip_cli.errors import UsageError
 from numclip_cli.evaluation import evaluate
-from numclip_cli.model.methods import METHODS, OrdinalModel, create_model
+from numclip_cli.factory import LoadedModel, create_model_and_transforms, open_backbone
+from numclip_cli.model.methods import METHODS, create_model
 from numclip_cli.synthetic import get_generator, task_spec, write_dataset
 from numclip_cli.tasks import TaskSpec
 from numclip_cli.trainer import TrainConfig, Trainer
@@ -100,18 +100,16 @@ def median_row(kind: str, train: Samples, test: Samples, task: TaskSpec) -> Row:
 
 
 def _trained_model(method: str, task: TaskSpec, train: Samples, epochs: int, seed: int, device: torch.device,
-                   folder: Path) -> tuple[OrdinalModel, Backbone]:
+                   folder: Path) -> LoadedModel:
     """Train ``method`` from the seeded random init; return its best-on-validation checkpoint, loaded."""
     torch.manual_seed(seed)  # the same random backbone for every method
-    backbone = load_backbone(TINY_MODEL, "none", device=device)
-    model = create_model(method, backbone, task)
-    if not model.trainable_groups():
-        return model.eval(), backbone
+    backbone, _ = open_backbone(TINY_MODEL, "none", device)
+    if not create_model(method, backbone, task).trainable_groups():
+        return create_model_and_transforms(device, model=TINY_MODEL, pretrained="none", task=task, method=method)
     fit_set, val_set = split_validation(train, VAL_SPLIT, seed)
     out = folder / f"{method}.safetensors"
     Trainer(backbone, task, _train_config(method, epochs, seed), device).fit(fit_set, val_set, out)
-    model, backbone, _ = load_model(out, device)
-    return model, backbone
+    return create_model_and_transforms(device, checkpoint=out)
 
 
 def run_accuracy_suite(config: AccuracyConfig, device: torch.device,
@@ -134,8 +132,8 @@ def run_accuracy_suite(config: AccuracyConfig, device: torch.device,
             report(rows[-1])
             for method in config.methods:
                 started = time.perf_counter()
-                model, backbone = _trained_model(method, task, train, config.epochs, config.seed, device, folder)
-                scores = evaluate(model, test, backbone.preprocess, device)
+                trained = _trained_model(method, task, train, config.epochs, config.seed, device, folder)
+                scores = evaluate(trained.model, test, trained.transform, device)
                 rows.append({"kind": kind, "method": method, "mae": scores["mae"], "mae_max": scores.get("mae_max"),
                              "accuracy": scores["accuracy"], "one_off": scores["one_off"], "qwk": scores["qwk"],
                              "seconds": time.perf_counter() - started})

@@ -32,10 +32,10 @@ from numclip_cli.backbone import DEFAULT_MODEL, NO_WEIGHTS
 from numclip_cli.bench.report import Figure, SpeedResult
 from numclip_cli.bench.system import current_rss_mb, peak_rss_mb, run_process
 from numclip_cli.errors import NumclipError
+from numclip_cli.factory import LoadedModel, create_model_and_transforms
 from numclip_cli.images import load_rgb
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.predictor import Predictor, image_autocast
-from numclip_cli.session import Session, open_session
 from numclip_cli.synthetic import get_generator, render
 from numclip_cli.tasks import TaskSpec, get_task, task_from_dict
 from numclip_cli.writers import make_writer
@@ -108,10 +108,10 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
     """Every speed figure, measured in this process on freshly generated images."""
     say = on_progress or (lambda message: None)
     if config.checkpoint:
-        session = open_session(device, checkpoint=config.checkpoint)
+        session = create_model_and_transforms(device, checkpoint=config.checkpoint)
     else:
-        session = open_session(device, model=config.model, pretrained=config.pretrained, task=BENCH_TASK,
-                               method="numclip")
+        session = create_model_and_transforms(device, model=config.model, pretrained=config.pretrained,
+                                              task=BENCH_TASK, method="numclip")
     with tempfile.TemporaryDirectory(prefix="numclip-bench-") as folder:
         side = session.backbone.image_size * 5 // 4  # larger than the input, so preprocess really resizes
         say(f"writing {config.images} {side}-px JPEG images")
@@ -134,9 +134,9 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
 class _SpeedRun:
     """The measurements of one speed-suite run, in order, sharing one model and one set of images."""
 
-    def __init__(self, config: SpeedConfig, device: torch.device, session: Session, say: Progress) -> None:
+    def __init__(self, config: SpeedConfig, device: torch.device, session: LoadedModel, say: Progress) -> None:
         self.config, self.device, self.session, self.say = config, device, session, say
-        self.preprocess = session.backbone.preprocess
+        self.preprocess = session.transform
         self.figures: list[Figure] = []
         self.raw_rate = 0.0  # (a), the reference of every speed ratio
 

@@ -191,7 +191,7 @@ def handle_errors(command: F) -> F:
 
 def announce_device(spec: str, reporter: Reporter) -> Any:
     """Resolve ``--device`` once and say which device is used."""
-    from numclip_cli.backbone import resolve_device
+    from numclip_cli.factory import resolve_device
 
     device = resolve_device(spec)
     reporter.info(f"device {device}")

@@ -82,8 +82,9 @@ def train(
         "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
                         "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
-    face_margin: Annotated[float, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
+    face_margin: Annotated[float | None, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default 0.4).",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -94,18 +95,17 @@ def train(
     import dataclasses
 
     from numclip_cli.atomic import atomic_write_bytes
-    from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import few_shot, load_samples, split_validation
-    from numclip_cli.distributed import init_world, launched_by_torchrun
-    from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.distributed import init_world
+    from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.factory import open_backbone, resolve_device
     from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import default_workers
-    from numclip_cli.session import default_pretrained
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
-    world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
+    world = init_world(resolve_device(device).type)
     # outputs are checked, and locked by the rank that writes them, before any work, until the command ends
     ctx.with_resource(claim_outputs(
         ("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out), lock=world.is_main))
@@ -131,24 +131,18 @@ def train(
         reporter.warn(f"only {len(val_set)} validation image(s): their metrics (and the choice of the best epoch) "
                       f"are mostly chance; give --val DATA or a larger --val-split (at least {FEW_VALIDATION})")
     dev = announce_device(device, reporter)
-    if dev.type == "cuda" and launched_by_torchrun():
-        import torch
-
-        dev = torch.device("cuda", world.local_rank)
     if world.distributed:
         reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
-    from numclip_cli.backbone import load_backbone
-
-    name = model or DEFAULT_MODEL
-    tag = pretrained or default_pretrained(name)
-    if tag == "none":
-        reporter.warn(f"--pretrained none: training {name} from random initialisation")
-    default_lr = RANDOM_INIT_LR if tag == "none" else PRETRAINED_LR
+    backbone, notes = open_backbone(model, pretrained, dev, init_seed=seed, for_training=True)
+    for note in notes:
+        reporter.warn(note)
+    default_lr = RANDOM_INIT_LR if backbone.random_init else PRETRAINED_LR
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr or default_lr[0],
                          image_lr=image_lr or default_lr[1], tune_image=tune_image, tune_context=tune_context,
-                         milestones=steps, seed=seed, amp=amp, face_margin=face_margin,
+                         milestones=steps, seed=seed, amp=amp,
+                         face_margin=DEFAULT_MARGIN if face_margin is None else face_margin,
                          workers=default_workers(len(train_set), batch_size, dev.type) if workers is None else workers)
-    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
+    trainer = Trainer(backbone, spec, config, dev, world)
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -196,12 +190,6 @@ def parse_milestones(text: str, epochs: int) -> tuple[int, ...]:
     if not steps or min(steps) < 1:
         raise UsageError(f"--milestones {text!r}: expected 'auto' or comma-separated epochs (1 or more)")
     return steps
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _task_beside(data: Path) -> str:

@@ -196,7 +196,7 @@ def test_accuracy_suite_in_the_cli_report_and_as_markdown(run_cli, tmp_path: Pat
 def test_unknown_method_or_kind_fails_before_any_work(run_cli, monkeypatch, bad: list[str]) -> None:
     work: list[str] = []
     monkeypatch.setattr(accuracy, "write_dataset", lambda *a, **k: work.append("accuracy data"))
-    monkeypatch.setattr(speed, "open_session", lambda *a, **k: work.append("speed suite"))
+    monkeypatch.setattr(speed, "create_model_and_transforms", lambda *a, **k: work.append("speed suite"))
     result = run_cli(["bench", "--suite", "all", "--device", "cpu", *bad])
     assert result.exit_code == 2
     assert bad[1] in result.stderr

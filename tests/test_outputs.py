@@ -454,7 +454,7 @@ def test_a_folder_with_images_only_in_sub_folders_suggests_recursive(run_cli, sy
     assert result.exit_code == 1, result.stderr
     assert f"numclip: error: no inputs found ({synthetic_dir} has sub-folders: add --recursive)" in result.stderr
     flat = run_cli(["predict", synthetic_dir, "--recursive", *MODEL])
-    assert no_work == ["open_session"]  # with --recursive it finds the images and goes on to load a model
+    assert no_work == ["create_model_and_transforms"]  # --recursive finds the images: loads a model
     assert "sub-folders" not in flat.stderr
 
 

@@ -34,6 +34,13 @@ RECORD_FIELDS = {"path", "status", "task", "value", "bin", "bin_index", "probs",
 SUBPROCESS_TIMEOUT = 120
 
 
+def write_distinct_pngs(folder: Path, count: int, blue: int = 90) -> list[str]:
+    """``count`` tiny distinct PNGs in ``folder``; their paths in the order ``predict FOLDER`` visits them."""
+    for i in range(count):
+        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, blue)).save(folder / f"{i:03d}.png")
+    return [str(folder / f"{i:03d}.png") for i in range(count)]
+
+
 def jsonl(text: str) -> list[dict[str, Any]]:
     """Parse JSON lines; every non-empty line must be one JSON object."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]

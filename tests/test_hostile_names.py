@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import AGE_BINS, MODEL
 from rich.console import Console
-from test_cli_predict import AGE_BINS, MODEL
 
 from numclip_cli.writers import CsvWriter, TableWriter
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
+from helpers import MODEL, SUBPROCESS_TIMEOUT, jsonl, write_distinct_pngs
 
 from numclip_cli.atomic import atomic_open, atomic_write_bytes, remove_stale_temps
 from numclip_cli.locking import lock_path
@@ -331,9 +330,7 @@ MANY = 120  # with --batch-size 4: 30 batches, so a kill lands mid-run
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A folder of tiny distinct PNGs and their paths in the order ``predict FOLDER`` visits them."""
     folder = tmp_path_factory.mktemp("many")
-    for i in range(MANY):
-        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 90)).save(folder / f"{i:03d}.png")
-    return folder, [str(folder / f"{i:03d}.png") for i in range(MANY)]
+    return folder, write_distinct_pngs(folder, MANY, blue=90)
 
 
 @pytest.fixture

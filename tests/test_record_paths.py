@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
+from helpers import MODEL, assert_ok_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cli_predict import MODEL, assert_ok_record
 
 from numclip_cli.inputs import path_from_record, record_path
 

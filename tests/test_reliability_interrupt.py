@@ -17,8 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line
-from PIL import Image
+from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line, write_distinct_pngs
 
 from numclip_cli.cli.common import Terminated, stop_at_safe_points
 from numclip_cli.predictor import ImageFiles
@@ -30,9 +29,7 @@ MANY = 400  # with --batch-size 8 a run takes 50 batches: a signal always lands 
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A folder of tiny distinct PNGs and their paths in the order ``predict FOLDER`` visits them."""
     folder = tmp_path_factory.mktemp("many")
-    for i in range(MANY):
-        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 40)).save(folder / f"{i:03d}.png")
-    return folder, [str(folder / f"{i:03d}.png") for i in range(MANY)]
+    return folder, write_distinct_pngs(folder, MANY, blue=40)
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = SUBPROCESS_TIMEOUT) -> None:

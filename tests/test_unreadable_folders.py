@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli_predict import MODEL, assert_ok_record, jsonl
+from helpers import MODEL, assert_ok_record, jsonl
 
 from numclip_cli.inputs import UnreadableFolder, expand_inputs, take_shard
 

@@ -21,6 +21,7 @@ from numclip_cli.cli.common import (
     announce_device,
     fraction,
     handle_errors,
+    non_negative,
     positive,
     prepare,
 )
@@ -83,7 +84,7 @@ def train(
                         "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
     face_margin: Annotated[float, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
+        "--face-margin", callback=non_negative, help="Added on every side of a face, as a share of its size.")] = 0.4,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,

@@ -507,3 +507,38 @@ def test_per_bin_calibration_from_the_command_line(overconfident, data, run_cli,
     hits = sum(r["interval"][0] <= float(Path(r["path"]).parent.name) <= r["interval"][1] for r in records)
     assert len(records) == 200 and 0.75 <= hits / 200 <= 1.0
 
+
+def test_non_finite_outputs_are_left_out_of_calibration(tiny_backbone, synthetic_dir: Path) -> None:
+    from numclip_cli.datasets import load_samples
+    from numclip_cli.evaluation import collect
+    from numclip_cli.model.methods import create_model
+    from numclip_cli.predictor import Predictor
+
+    class Poisoned(Predictor):
+        """Every third image gets a NaN value, every fifth a NaN logit; ``bad`` = all of them."""
+
+        bad = False
+
+        def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {key: value.clone() for key, value in super().predict_images(images).items()}
+            out["value"][::3] = math.nan
+            out["bin_logits"][::5, 0] = math.nan
+            if self.bad:
+                out["value"][:] = math.inf
+            return out
+
+    samples = load_samples(synthetic_dir, TASK)
+    predictor = Poisoned(create_model("numclip", tiny_backbone, TASK), torch.device("cpu"))
+    held = collect(predictor, samples, tiny_backbone.preprocess, batch_size=64, workers=0)
+    poisoned = set(range(0, 24, 3)) | set(range(0, 24, 5))
+    assert held.nonfinite == len(poisoned) and len(held) == 24 - len(poisoned)
+    assert bool(torch.isfinite(held.values).all()) and not bool(held.bin_logits.isnan().any())
+    kept = [i for i in range(24) if i not in poisoned]
+    assert held.targets.tolist() == [samples.values[i] for i in kept]  # labels stay with their rows
+    twenty = cal.HeldOut(*(torch.cat([x] * 2) for x in (held.bin_logits, held.values, held.targets, held.bins)),
+                         source="s", nonfinite=held.nonfinite)
+    assert any(f"non-finite outputs (NaN/inf) for {len(poisoned)} image(s)" in w
+               for w in cal.calibrate(twenty, TASK, holdout=0).warnings)
+    predictor.bad = True
+    with pytest.raises(DataError, match="non-finite outputs .* for all 24 readable image"):
+        collect(predictor, samples, tiny_backbone.preprocess, batch_size=64, workers=0)

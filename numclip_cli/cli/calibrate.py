@@ -119,8 +119,8 @@ def calibrate(
 
 
 # metric key → label, in the order the table shows them (keys a report lacks are skipped)
-_METRIC_ROWS = (("ece", "ECE ({ece_bins} bins)"), ("nll", "NLL"), ("brier", "Brier"), ("rps", "RPS"),
-                ("mae", "MAE{unit}"), ("mae_max", "MAE, argmax rank{unit}"), ("mae_levels", "MAE in levels (Σ p·k)"),
+_METRIC_ROWS = (("ece", "ECE ({ece_bins} bins)"), ("nll", "NLL"), ("brier", "Brier"), ("rps", "RPS"), ("mae", "MAE"),
+                ("mae_max", "MAE, argmax rank"), ("mae_levels", "MAE in levels (Σ p·k)"),
                 ("mae_levels_max", "MAE in levels (argmax)"), ("accuracy", "accuracy (bin)"),
                 ("rank_accuracy", "rank accuracy"), ("one_off", "1-off accuracy"), ("qwk", "QWK"))
 
@@ -133,12 +133,12 @@ def _print_tables(report: dict[str, Any]) -> None:
     unit = f" {report['unit']}" if report["unit"] else ""
     where = (f"{report['n_check']} held-out image(s) of {report['data']} (fitted on the other {report['n_fit']})"
              if report["achieved"] else f"the {report['n_fit']} calibration image(s) of {report['data']}")
-    table = Table("metric", "before (T = 1)", f"after (T = {report['temperature']:.3g})", title=f"on {where}")
-    rows = [*_METRIC_ROWS, *((key, key.replace("cs@", "CS@") + "{unit}") for key in before if key.startswith("cs@"))]
+    table = Table("metric", "before (T = 1)", f"after (T = {report['temperature']:.3g})", title=f"on {where}",
+                  caption=f"MAE and CS@L in{unit}" if unit else None)
+    rows = [*_METRIC_ROWS, *((key, key.replace("cs@", "CS@")) for key in before if key.startswith("cs@"))]
     for key, label in rows:
         if key in before:
-            table.add_row(label.format(ece_bins=report["ece_bins"], unit=f" ({report['unit']})" if unit else ""),
-                          f"{before[key]:.4f}", f"{after[key]:.4f}")
+            table.add_row(label.format(ece_bins=report["ece_bins"]), f"{before[key]:.4f}", f"{after[key]:.4f}")
     console = Console()
     console.print(table)
     console.print(_conformal_table(report, unit))

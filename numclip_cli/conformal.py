@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from numclip_cli.errors import UsageError
+from numclip_cli.errors import CheckpointError, UsageError
 
 MODES = ("global", "per-bin")
 
@@ -199,4 +199,7 @@ class ConformalRule:
 
     def bin_sets(self, bin_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """First and last bin of each contiguous set (from probabilities at T = 1, as the scores were)."""
+        if len(self.set_thresholds) not in (1, bin_logits.shape[-1]):
+            raise CheckpointError(f"the calibration has thresholds for {len(self.set_thresholds)} bins, the model "
+                                  f"{bin_logits.shape[-1]}: run `numclip calibrate` again")
         return contiguous_sets(bin_probs(bin_logits), self.set_thresholds)

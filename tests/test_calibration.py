@@ -300,6 +300,8 @@ def test_per_bin_calibration_round_trips_and_damage_is_caught(tmp_path: Path) ->
     assert rule == result.rule(0.9) and rule.mode == "per-bin"
     # the top bin has 41 fitted samples: enough for 0.95 (19), not for 0.99 (99): always in the interval
     assert math.isinf(result.rule(0.99).interval_quantiles[4]) and math.isfinite(rule.interval_quantiles[4])
+    with pytest.raises(CheckpointError, match="thresholds for 5 bins, the model 4"):
+        rule.bin_sets(torch.zeros(3, 4))  # a checkpoint whose task lost a bin
     for damage in ({"extents": stored["extents"][:4]}, {"scores_by_bin": {"interval": [[]] * 5, "set": [[]] * 5}},
                    {"scores": {"interval": [-1.0] * stored["n"], "set": stored["scores"]["set"]}}):
         with pytest.raises(CheckpointError, match="damaged calibration metadata"):

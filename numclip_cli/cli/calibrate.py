@@ -155,6 +155,8 @@ def _conformal_table(report: dict[str, Any], unit: str) -> Any:
         title += f"interval value ± {conformal['interval']:.4g}{unit}, bin set threshold {conformal['set']:.3f}; "
     title += (f"achieved on {achieved['n']} held-out image(s), ± {achieved['standard_error']:.3f} by chance"
               if achieved else "achieved coverage not measured (nothing held out)")
+    if not (achieved or per_bin):
+        return title  # nothing per bin to show
     table = Table("bin", *(("± q", "set ≤") if per_bin else ()), "images", "interval cov.", "mean width",
                   "set cov.", "mean set size", title=title)
     rows = [*achieved["per_bin"], {"bin": "all", **achieved}] if achieved else [{"bin": b} for b in conformal["bins"]]

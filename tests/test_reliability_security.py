@@ -380,7 +380,9 @@ HUGE_DECLARATIONS = {
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}},
         "must be an integer from 0 to"),
 }
-PEAK_RSS_MB = 1200  # torch + open_clip + the tiny checkpoint; building any of the declared models would not fit
+# torch + open_clip + the tiny checkpoint: 0.85-0.95 GB alone, up to 1.7 GB seen inside the full suite on CI;
+# the smallest declared model (ViT-bigG-14, 2.5 G values) would need 10 GB, so any build fails this bound
+PEAK_RSS_MB = 2500
 
 _RUN_UNDER_LIMIT = """
 import json, resource, sys

@@ -13,7 +13,7 @@ from numclip_cli.errors import UsageError
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     seen: list[dict] = []
-    result = run_accuracy_suite(["fill"], ["zeroshot", "linear-probe"], n_train=40, n_test=12, epochs=1, seed=0,
+    result = run_accuracy_suite(["fill"], ["zeroshot", "linear-probe"], n_train=40, n_test=12, epochs=1, seeds=[0],
                                 device="cpu", on_progress=seen.append)
     assert seen == result
     return result
@@ -23,7 +23,7 @@ def test_rows_hold_every_metric_and_the_median_baseline(rows: list[dict]) -> Non
     assert [(r["kind"], r["method"]) for r in rows] == [("fill", "median"), ("fill", "zeroshot"),
                                                         ("fill", "linear-probe")]
     for row in rows:
-        assert set(row) == {"kind", "method", *COLUMNS}
+        assert set(row) == {"kind", "method", "seed", "shots", *COLUMNS}
         for name in ("mae", "accuracy", "one_off", "qwk", "seconds"):
             assert math.isfinite(row[name]), (row["method"], name)
         assert 0 <= row["accuracy"] <= row["one_off"] <= 1
@@ -41,6 +41,6 @@ def test_markdown_table_has_a_row_per_result(rows: list[dict]) -> None:
 
 def test_unknown_method_or_kind_fails_before_any_work() -> None:
     with pytest.raises(UsageError, match="bogus"):
-        run_accuracy_suite(["dots"], ["bogus"], 10, 10, 1, 0, "cpu")
+        run_accuracy_suite(["dots"], ["bogus"], 10, 10, 1, [0], "cpu")
     with pytest.raises(UsageError, match="squares"):
         main(["--kinds", "squares", "--methods", "zeroshot"])

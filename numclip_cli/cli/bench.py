@@ -107,7 +107,7 @@ def bench(
         settings = {"kinds": _names(kinds) if kinds else list(DEFAULT_KINDS),
                     "methods": _names(methods) if methods else list(METHODS),
                     "n_train": n_train or (120 if quick else 900), "n_test": n_test or (60 if quick else 300),
-                    "epochs": epochs or (1 if quick else 8), "seed": seed}
+                    "epochs": epochs or (1 if quick else 8), "seeds": [seed]}
         config["accuracy"] = settings
 
         def row_done(row: dict[str, Any]) -> None:

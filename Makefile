@@ -2,17 +2,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is declared as torch>=2.4 in pyproject; this pin is the build known to work on our machines
+# torch is declared as torch>=2.4,<3 in pyproject; this pin is the build CI tests. PyPI's Linux wheel is the CUDA
+# build (about 6 GB installed, with its nvidia-* libraries; it also runs on a CPU). Where the PyTorch CPU index is
+# reachable, `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs the CPU build (under 1 GB).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
+PIP := pip install -q --disable-pip-version-check
+TORCH_INSTALL := $(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 STAMP := $(VENV)/.numclip-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_CKPT := weights/numclip-tiny-dots.safetensors
+LOWEST_VENV ?= .venv-lowest
 
-.PHONY: venv demo test lint weights clean
+.PHONY: venv demo test check test-lowest weights clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/$(TORCH_INSTALL)
+	$(BIN)/$(PIP) -e '.[test]'
 	rm -f $(VENV)/.numclip-* && touch $@
 
 venv: $(STAMP)
@@ -22,10 +28,24 @@ demo: $(STAMP)
 	$(BIN)/numclip synth dots --out demo-out/dots --n 12 --seed 2024 --quiet
 	$(BIN)/numclip predict demo-out/dots --recursive --checkpoint $(DEMO_CKPT) --offline --format table
 
-## test: lint, then the whole suite (unit, CLI, subprocess, doctests)
+## test: lint, then the whole suite (unit, CLI, subprocess, doctests): what CI runs
 test: $(STAMP)
 	$(BIN)/ruff check numclip_cli tests
 	$(BIN)/pytest
+
+## check: the edit loop: lint, then every test not marked slow (about a minute of CPU)
+check: $(STAMP)
+	$(BIN)/ruff check numclip_cli tests
+	$(BIN)/pytest -q -m "not slow"
+
+## test-lowest: the fast lane in a separate venv with every dependency at the lowest version pyproject declares
+## (torch and torchvision stay at TORCH_SPEC: no older build is installable here; test tools stay at their newest)
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(PYTHON) .ci/lowest_constraints.py --extras face --skip torch,torchvision > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/$(TORCH_INSTALL)
+	$(LOWEST_VENV)/bin/$(PIP) -c $(LOWEST_VENV)/constraints.txt -e '.[test,face]'
+	$(LOWEST_VENV)/bin/pytest -q -m "not slow"
 
 ## weights: re-train the shipped demo checkpoint from scratch (CPU, a few minutes)
 weights: $(STAMP)
@@ -35,4 +55,4 @@ weights: $(STAMP)
 		--val-split 0.1 --seed 0 --offline --out $(DEMO_CKPT) --metrics-out weights/numclip-tiny-dots.metrics.json
 
 clean:
-	rm -rf $(VENV) demo-out runs .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) demo-out runs .pytest_cache

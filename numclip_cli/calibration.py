@@ -19,20 +19,16 @@ stored in the checkpoint so another coverage can be served later without the dat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from numclip_cli import metrics
 from numclip_cli.errors import CheckpointError, DataError, UsageError
 from numclip_cli.tasks import TaskSpec
-
-if TYPE_CHECKING:
-    from numclip_cli.datasets import Samples
-    from numclip_cli.predictor import Predictor
 
 MIN_SAMPLES = 20  # below this a 90 % quantile is one of the last two scores: not worth storing
 DEFAULT_COVERAGE = 0.9
@@ -44,7 +40,7 @@ _SCORE_DECIMALS = 6  # stored scores: enough for any quantile, keeps the metadat
 
 @dataclass
 class HeldOut:
-    """Model outputs on labelled held-out images (uncalibrated)."""
+    """Model outputs on labelled held-out images (uncalibrated); ``evaluation.collect`` gathers them."""
 
     bin_logits: torch.Tensor  # N×K logits over the task's bins
     values: torch.Tensor  # N fine predictions in the task unit
@@ -52,6 +48,7 @@ class HeldOut:
     bins: torch.Tensor  # N true bin indices
     source: str = ""
     skipped: int = 0  # images that could not be decoded
+    values_max: torch.Tensor | None = None  # N argmax-rank readouts (rank methods only)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -64,24 +61,6 @@ class HeldOut:
 def bin_probs(bin_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax(logits / T) in float64: set scores and sets must see the same sums to the last bit."""
     return (bin_logits.double() / temperature).softmax(dim=-1)
-
-
-def collect(predictor: Predictor, samples: Samples, transform: Callable, batch_size: int = 32,
-            workers: int | None = None) -> HeldOut:
-    """Run the predictor over labelled samples; unreadable images are counted and left out."""
-    logits, values, kept = [], [], []
-    for batch, preds in predictor.outputs(samples.paths, transform, batch_size, workers):
-        if not preds:
-            continue
-        logits.append(preds["bin_logits"])
-        values.append(preds["value"])
-        kept.extend(i for i in batch.indices if i not in batch.errors)
-    targets = torch.tensor([samples.values[i] for i in kept], dtype=torch.float64)
-    bins = torch.tensor([predictor.task.bin_index(samples.values[i]) for i in kept], dtype=torch.long)
-    empty = torch.zeros(0, len(predictor.task.bins))
-    return HeldOut(bin_logits=torch.cat(logits).double() if logits else empty,
-                   values=torch.cat(values).double() if values else torch.zeros(0),
-                   targets=targets, bins=bins, source=samples.source, skipped=len(samples) - len(kept))
 
 
 def fit_temperature(logits: torch.Tensor, true_index: torch.Tensor) -> float:
@@ -351,86 +330,3 @@ def conformal_summary(held: HeldOut, rule: ConformalRule, task: TaskSpec) -> dic
             "mean_interval_width": (high - low).mean().item(),
             "set_coverage": ((set_low <= held.bins) & (held.bins <= set_high)).double().mean().item(),
             "mean_set_size": (set_high - set_low + 1).double().mean().item()}
-
-
-# --------------------------------------------------------------------------------------------- the plot
-PLOT_SIZE = (800, 660)
-_BEFORE, _AFTER, _GRID, _INK = (214, 69, 65), (38, 110, 200), (225, 225, 225), (30, 30, 30)
-
-
-def save_reliability_diagram(path: str | Path, held: HeldOut, temperature: float, n_bins: int = 15,
-                             title: str = "") -> None:
-    """A PNG reliability diagram (accuracy vs. confidence of the top bin) before and after the temperature."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from numclip_cli.atomic import atomic_open
-
-    width, height = PLOT_SIZE
-    left, right, top, bottom = 96, width - 32, 100, height - 78
-    image = Image.new("RGB", PLOT_SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(size=17), ImageFont.load_default(size=14)
-
-    def xy(confidence: float, accuracy: float) -> tuple[float, float]:
-        return left + confidence * (right - left), bottom - accuracy * (bottom - top)
-
-    for step in range(6):  # grid, ticks and tick labels every 0.2
-        v = step / 5
-        x, y = xy(v, v)
-        draw.line([(x, top), (x, bottom)], fill=_GRID)
-        draw.line([(left, y), (right, y)], fill=_GRID)
-        draw.text((x, bottom + 8), f"{v:.1f}", fill=_INK, font=small, anchor="mt")
-        draw.text((left - 8, y), f"{v:.1f}", fill=_INK, font=small, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline=_INK, width=2)
-    _dashed(draw, xy(0, 0), xy(1, 1), fill=(120, 120, 120))
-
-    eces = {}
-    for label, temp, colour, offset in (("before", 1.0, _BEFORE, -3), ("after", temperature, _AFTER, 3)):
-        probs = held.probs(temp)
-        eces[label] = metrics.ece(probs, held.bins, n_bins=n_bins)
-        confidence, accuracy, count = metrics.reliability_bins(probs, held.bins, n_bins=n_bins)
-        points = [(xy(c, a), n) for c, a, n in zip(confidence, accuracy, count, strict=True) if n > 0]
-        if len(points) > 1:
-            draw.line([p for p, _ in points], fill=colour, width=3, joint="curve")
-        for (x, y), n in points:  # marker area grows with the number of samples in the bin
-            r = 3 + 9 * math.sqrt(n / len(held))
-            draw.ellipse([x - r + offset, y - r, x + r + offset, y + r], fill=colour, outline="white")
-
-    heading = title or "Reliability diagram"
-    draw.text((width / 2, 14), heading, fill=_INK, font=font, anchor="mt")
-    draw.text((width / 2, 40), f"n = {len(held)}, {n_bins} confidence bins; ECE {eces['before']:.3f} before, "
-              f"{eces['after']:.3f} after (T = {temperature:.3g})", fill=_INK, font=small, anchor="mt")
-    draw.text(((left + right) / 2, height - 34), "confidence (probability of the predicted bin)", fill=_INK,
-              font=font, anchor="mt")
-    ylabel = Image.new("RGB", (bottom - top, 24), "white")
-    ImageDraw.Draw(ylabel).text(((bottom - top) / 2, 12), "accuracy (predicted bin is right)", fill=_INK,
-                                font=font, anchor="mm")
-    image.paste(ylabel.rotate(90, expand=True), (16, top))
-
-    # the legend sits in one row above the axes, where it can hide no point
-    legend = [("before (T = 1)", _BEFORE), (f"after (T = {temperature:.3g})", _AFTER),
-              ("perfect calibration", (120, 120, 120))]
-    lx, y = left + 40, top - 18
-    for row, (label, colour) in enumerate(legend):
-        if row == 2:
-            _dashed(draw, (lx, y), (lx + 30, y), fill=colour)
-        else:
-            draw.line([(lx, y), (lx + 30, y)], fill=colour, width=3)
-            draw.ellipse([lx + 10, y - 5, lx + 20, y + 5], fill=colour)
-        draw.text((lx + 40, y), label, fill=_INK, font=small, anchor="lm")
-        lx += 40 + draw.textlength(label, font=small) + 40
-
-    with atomic_open(path, "wb") as handle:
-        image.save(handle, format="PNG")
-
-
-def _dashed(draw: Any, start: tuple[float, float], end: tuple[float, float], fill: tuple[int, int, int],
-            dash: float = 8.0) -> None:
-    """A dashed straight line (ImageDraw draws only solid ones)."""
-    (x0, y0), (x1, y1) = start, end
-    length = math.hypot(x1 - x0, y1 - y0)
-    pieces = max(1, int(length // dash))
-    for i in range(0, pieces, 2):
-        a, b = i / pieces, min(i + 1, pieces) / pieces
-        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
-                  fill=fill, width=2)

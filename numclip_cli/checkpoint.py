@@ -1,13 +1,19 @@
-"""numclip checkpoints: one ``.safetensors`` file of trained tensors + JSON metadata; never unpickled.
+"""The numclip checkpoint file format: one ``.safetensors`` file of tensors + JSON metadata; never unpickled.
 
-Metadata keys (string → JSON string): ``numclip.format``, ``task``, ``method``, ``backbone``, ``train``, and
-``calibration`` once calibrated. Backbone tensors are stored only when they cannot be rebuilt from the
-backbone's name and pretrained tag (random init, or an image tower that was fine-tuned).
+Metadata keys (string → JSON string): ``numclip.format``, ``method``, ``task``, ``backbone`` (an open_clip
+architecture name and pretrained tag, or ``none``/``stored`` with the architecture's config when the file
+carries the whole backbone), ``preprocess`` (see numclip_cli.preprocessing), ``train``, ``calibration`` once
+calibrated, and ``resume`` in the resumable ``*.last.safetensors`` (whose ``optim.*`` tensors hold the optimizer
+state). Backbone tensors are stored only when an open_clip pretrained tag cannot rebuild them (random init, a
+weights file or bundle, or an image tower that was fine-tuned). Rebuilding a model from a checkpoint is
+numclip_cli.factory's job; this module reads, validates and writes the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +21,20 @@ from typing import Any
 import torch
 
 from numclip_cli.atomic import atomic_write_bytes
-from numclip_cli.backbone import Backbone, load_backbone
-from numclip_cli.errors import CheckpointError, NumclipError, UsageError
-from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.backbone import NOT_FOUND, WEIGHT_FILE_SUFFIXES, Backbone, not_a_regular_file
+from numclip_cli.errors import CheckpointError, NumclipError, one_line
+from numclip_cli.model.methods import OrdinalModel
+from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
 FORMAT_KEY = "numclip.format"
 FORMAT_VERSION = 1
-_JSON_FIELDS = ("task", "backbone", "train", "calibration", "resume")
+_JSON_FIELDS = ("task", "backbone", "preprocess", "train", "calibration", "resume")
+OPTIM_PREFIX = "optim."
 BACKBONE_PREFIX = "clip."
 VISUAL_PREFIX = "clip.visual."
+# what a backbone name in metadata may look like: an open_clip architecture name, never a path or a schema
+BACKBONE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 @dataclass
@@ -38,10 +48,11 @@ class Checkpoint:
     train: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     resume: dict[str, Any] | None = None
+    preprocess: dict[str, Any] | None = None  # None: written before numclip stored it (see preprocessing.py)
 
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors, without the optimizer state a ``last`` checkpoint also carries."""
+        return {key: value for key, value in self.tensors.items() if not key.startswith(OPTIM_PREFIX)}
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -49,15 +60,17 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise CheckpointError(f"checkpoint not found: {path}" if problem == NOT_FOUND else
+                              f"checkpoint {path} is {problem}")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # a handle, not a dict
     except Exception as exc:  # safetensors raises its own error type, or OSError/ValueError
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or another format: "
-                              f"{_one_line(exc)})") from None
+                              f"{one_line(exc)})") from None
     if FORMAT_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file but not a numclip checkpoint (no {FORMAT_KEY!r})")
     if meta[FORMAT_KEY] != str(FORMAT_VERSION):
@@ -70,23 +83,37 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
                 and isinstance(backbone.get("pretrained"), str)):
             raise KeyError("backbone name/pretrained")
-    except (KeyError, json.JSONDecodeError, NumclipError) as exc:
-        raise CheckpointError(f"{path}: damaged metadata: {_one_line(exc)}") from None
+        if not BACKBONE_LABEL.fullmatch(backbone["name"]):
+            raise CheckpointError(f"{path}: backbone name {backbone['name'][:80]!r} is not an architecture name "
+                                  f"(letters, digits, '.', '_', '+', '-'; no paths or schemas)")
+        pretrained = backbone["pretrained"]
+        if not BACKBONE_LABEL.fullmatch(pretrained) or pretrained.lower().endswith(WEIGHT_FILE_SUFFIXES):
+            raise CheckpointError(f"{path}: names its backbone weights {pretrained[:80]!r}, but checkpoint metadata "
+                                  f"may only name an open_clip pretrained tag, never a file, folder or hub repository")
+        if "preprocess" in fields:
+            Preprocessing.from_metadata(fields["preprocess"])
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, NumclipError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: damaged metadata: {one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
-                      calibration=fields.get("calibration"), resume=fields.get("resume"))
+                      calibration=fields.get("calibration"), resume=fields.get("resume"),
+                      preprocess=fields.get("preprocess"))
 
 
 def model_tensors(model: OrdinalModel, backbone: Backbone, tuned_image: bool) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint must carry to rebuild ``model`` exactly.
 
-    A randomly initialised backbone is stored too; frozen tensors whose values are all fp16-representable (the
-    trainer's ``round_frozen_init`` makes them so) are stored as fp16, which halves the shipped demo checkpoint.
+    A backbone that cannot be named by an open_clip pretrained tag (random init, a weights file, a hub or
+    local bundle) is stored too, so the checkpoint never has to point at a file or a repository; frozen tensors
+    whose values are all fp16-representable (the trainer's ``round_frozen_init`` makes them so) are stored as
+    fp16, which halves the shipped demo checkpoint.
     """
     tensors = {}
     for key, value in model.state_dict().items():
         if key.startswith(BACKBONE_PREFIX):
             tuned = tuned_image and key.startswith(VISUAL_PREFIX)
-            if not (backbone.random_init or tuned):
+            if not (backbone.stored_in_checkpoint or tuned):
                 continue
             if not tuned and value.dtype == torch.float32 and torch.equal(value.half().float(), value):
                 value = value.half()  # lossless: only when every value is exactly representable
@@ -107,7 +134,7 @@ def write_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     from safetensors.torch import save
 
     meta = {FORMAT_KEY: str(FORMAT_VERSION), "method": checkpoint.method, "task": json.dumps(checkpoint.task.to_dict())}
-    for name in ("backbone", "train", "calibration", "resume"):
+    for name in ("backbone", "preprocess", "train", "calibration", "resume"):
         value = getattr(checkpoint, name)
         if value is not None:
             meta[name] = json.dumps(value)
@@ -135,14 +162,31 @@ def load_state(model: OrdinalModel, tensors: dict[str, torch.Tensor], source: st
     model.load_state_dict(tensors, strict=False)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OrdinalModel, Backbone, Checkpoint]:
-    """Rebuild the model a checkpoint describes, on ``device``, in eval mode."""
-    ckpt = read_checkpoint(path)
-    info = ckpt.backbone
-    backbone = load_backbone(info["name"], info["pretrained"], device=device, model_cfg=info.get("model_cfg"))
-    try:
-        model = create_model(ckpt.method, backbone, ckpt.task)
-    except UsageError as exc:  # e.g. a method this numclip does not know: the file is the problem, not the user
-        raise CheckpointError(f"{path}: {exc}") from None
-    load_state(model, ckpt.tensors, str(path), require_backbone=backbone.random_init)
-    return model.eval(), backbone, ckpt
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state → tensors (``optim.<param>.<key>``) + JSON (param groups and non-tensor entries)."""
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": jsonable(state["param_groups"]), "optimizer_scalars": scalars}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], resume: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state ``optimizer_tensors`` split into tensors and ``resume`` metadata, put back together."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(OPTIM_PREFIX):
+            index, key = name[len(OPTIM_PREFIX):].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in resume.get("optimizer_scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": resume["param_groups"]}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (Counters become dicts, anything else unknown a string)."""
+    return json.loads(json.dumps(value, default=lambda o: dict(o) if isinstance(o, Counter) else str(o)))

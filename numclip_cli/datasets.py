@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from numclip_cli.errors import DataError
 from numclip_cli.images import ImageLoadError, load_rgb
-from numclip_cli.inputs import scan_directory
+from numclip_cli.inputs import UnreadableFolder, scan_directory
 from numclip_cli.tasks import TaskSpec
+from numclip_cli.textfiles import MAX_DATA_LIST_BYTES, read_text_file
 
 _MAX_REPORTED = 5
 
@@ -44,17 +45,21 @@ class Samples:
 def load_samples(data: str | Path, task: TaskSpec) -> Samples:
     """Read a dataset in any supported layout; raise ``DataError`` listing the first problems."""
     path = Path(data)
+    if not path.exists():
+        raise DataError(f"dataset not found: {path}")
     if path.is_dir():
         rows = _folder_rows(path)
-    elif path.is_file():
-        rows = _table_rows(path) if path.suffix.lower() in (".csv", ".tsv") else _list_rows(path)
-    else:
-        raise DataError(f"dataset not found: {path}")
+    else:  # anything else must be a regular file of bounded size: read_text_file says what it is otherwise
+        text = read_text_file(path, MAX_DATA_LIST_BYTES, "data list", DataError)
+        rows = _table_rows(path, text) if path.suffix.lower() in (".csv", ".tsv") else _list_rows(path, text)
     # one entry per distinct problem (a folder named by a bad label is one problem, not one per image):
     # reason -> [how many rows have it, the first place it occurs]
     problems: dict[str, list] = {}
     paths, values = [], []
     for where, image, label in rows:
+        if isinstance(image, UnreadableFolder):  # its images would silently be missing from the data
+            problems.setdefault(image.reason, [0, str(image)])[0] += 1
+            continue
         try:
             value = task.parse_label(label)
         except ValueError as exc:
@@ -82,14 +87,17 @@ def _problem_report(path: Path, problems: dict[str, list]) -> str:
 
 
 def _folder_rows(root: Path) -> list[tuple[str, str, str]]:
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise DataError(f"cannot read folder {root}: {exc.strerror or exc}") from None
     rows = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):  # the image is its own place: an example file
+    for sub in subs:  # the image is its own place: an example file
         rows.extend((image, image, sub.name) for image in scan_directory(str(sub), recursive=True))
     return rows
 
 
-def _table_rows(path: Path) -> list[tuple[str, str, str]]:
-    text = _read_text(path)
+def _table_rows(path: Path, text: str) -> list[tuple[str, str, str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     fields = [f.strip().lower() for f in reader.fieldnames or []]
@@ -102,9 +110,9 @@ def _table_rows(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _list_rows(path: Path) -> list[tuple[str, str, str]]:
+def _list_rows(path: Path, content: str) -> list[tuple[str, str, str]]:
     rows = []
-    for line, text in enumerate(_read_text(path).splitlines(), start=1):
+    for line, text in enumerate(content.splitlines(), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         parts = text.rstrip().rsplit(None, 1)  # the label is the last field: paths may contain spaces
@@ -113,13 +121,6 @@ def _list_rows(path: Path) -> list[tuple[str, str, str]]:
             continue
         rows.append((f"{path}:{line}", str(path.parent / parts[0].strip()), parts[1]))
     return rows
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
 
 
 def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:

@@ -27,3 +27,17 @@ class CheckpointError(NumclipError):
 
 class DataError(NumclipError):
     """A dataset, list or label file that cannot be used."""
+
+
+def one_line(error: BaseException | str, limit: int | None = 200) -> str:
+    """An error (or a message) as one line for stderr or an error record: whitespace collapsed, cut at ``limit``.
+
+    An exception without a message gives its type's name.
+
+    >>> one_line(OSError("disk\\n  full"))
+    'disk full'
+    >>> one_line(KeyError()), one_line("x" * 300, limit=5)
+    ('KeyError', 'xxxxx')
+    """
+    text = " ".join(str(error).split())[:limit]
+    return text or (type(error).__name__ if isinstance(error, BaseException) else "")

@@ -1,41 +1,10 @@
 """Optional face detection and square face crops, so age runs on the face of an everyday photo (``numclip[face]``).
 
-Age models are trained on face crops, but people run ``numclip predict photo.jpg --task age`` on whole bodies,
-groups and faces in a corner. ``--faces largest`` (the ``age`` task's default) crops the largest face, ``--faces
-all`` predicts every face; with no face found the whole image is used and the record says so (``"face": null``).
-
-The detector must work offline, so its model has to ship inside a PyPI package. Measured on images that ship
-with scikit-image (single thread, on a shared 2-core machine under load, so absolute times are high): 100 LFW
-faces of ``data.lfw_subset()`` scaled to 48–128 px and pasted at random places onto 18 face-free ``skimage.data``
-photos (coffee, chelsea the cat, rocket, coins, moon, …) fitted to 640 px, and those 18 photos alone.
-
-=========================================  ========  ===========  ===============  =======================
-detector (package)                         found     stray boxes  false positives  ms per 512-640 px image
-=========================================  ========  ===========  ===============  =======================
-Haar frontalface_alt2, 1.1 / 5 (opencv)    96/100    0            0 in 18 photos   125-190
-Haar frontalface_alt2, 1.2 / 5 (opencv)    95/100    0            0                105-155
-Haar frontalface_alt, 1.1 / 5 (opencv)     95/100    0            0                150-240
-Haar frontalface_default, 1.1 / 5          92/100    37           7                220-340
-LBP frontalface (scikit-image's cascade)   93/100    36           6                750
-MTCNN (facenet-pytorch 2.6)                99/100    0            0                115-185 (2100 at 2048 px)
-=========================================  ========  ===========  ===============  =======================
-
-Histogram equalisation before the cascade lowered every Haar detection rate (alt2: 86/100) and is not used.
-OpenCV's wheel ships no LBP cascade (``cv2.data`` holds Haar cascades only) and OpenCV 4.14 cannot parse
-scikit-image's copy, so it ran through the slower ``skimage.feature.Cascade``; it also boxed a second "face" on
-the astronaut's suit. MTCNN is as accurate as the best cascade or better (it also finds the cameraman of
-``data.camera()``, which no cascade does) and its three state dicts load with ``torch.load(weights_only=True)``,
-but facenet-pytorch 2.6 pins torch<2.3, torchvision<0.18, numpy<2 and Pillow<10.3 (installing it would replace
-numclip's torch) and imports ``requests`` at import time.
-
-Chosen: OpenCV's Haar ``frontalface_alt2`` cascade with scaleFactor 1.1 and minNeighbors 5 -- the best rate with
-no false positive (scaleFactor 1.2 is ~20 % faster for one face fewer), and OpenCV 4.x is one wheel that needs
-nothing but numpy. OpenCV 5 dropped ``CascadeClassifier``, hence
-``opencv-python-headless<5``. Frontal faces only: a profile or a strongly turned head is "no face".
-
-Detection runs on a grey copy whose longer side is at most ``DETECT_MAX_SIDE`` pixels, so its cost is bounded
-whatever the photo size; boxes are mapped back to the original (EXIF-upright) image, and faces smaller than
-``MIN_FACE`` pixels at detection scale are ignored.
+``--faces largest`` (the ``age`` task's default) crops the largest face, ``--faces all`` predicts every face; with no
+face found the whole image is used and the record says so (``"face": null``). The detector is OpenCV's Haar
+``frontalface_alt2`` cascade (scaleFactor 1.1, minNeighbors 5), chosen over four other cascades and MTCNN in a
+measured study: docs/faces.md. Detection runs on a grey copy at most ``DETECT_MAX_SIDE`` pixels long, so its cost is
+bounded whatever the photo size; boxes are mapped back to the original (EXIF-upright) image.
 """
 
 from __future__ import annotations

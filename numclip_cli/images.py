@@ -6,7 +6,12 @@ decompression bombs), and one bad file must become one error record, never a cra
 
 How it stays bounded: only regular files are opened (a FIFO or device could block forever), the pixel count
 from the header is checked before any pixel is decoded, Pillow's decompression-bomb warning is an error while
-decoding, and only the first frame of an animated or multi-page image is ever decoded.
+decoding, and only the first frame of an animated or multi-page image is ever decoded. The pixel limit alone
+does not bound what comes *after* decoding: a model transform resizes the short side to the model's input size
+first, so a 600000x1 strip (661 bytes as a PNG) would be upscaled to a 600000-times-wider intermediate (12 GB).
+An image longer than ``MAX_ASPECT_RATIO`` times its short side is therefore cut down to its centre part of that
+aspect ratio, which bounds every later resize by ``MAX_ASPECT_RATIO`` x (model input side)^2 pixels. The models'
+transforms keep only the central square anyway, so the prediction stays the one of the whole image.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from numclip_cli.errors import one_line
+
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (~89.5 MP: a 24-bit 256 MiB image); not read from the
 # module at import time because callers may change that global.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Longest side / shortest side beyond which only the centre is kept (see the module docstring). Phone panoramas
+# stay below ~10:1, so ordinary photos are never cut; 20 x 224^2 px is 3 MB of RGB for ViT-B-16.
+MAX_ASPECT_RATIO = 20
 
 _WHITE = (255, 255, 255, 255)
 _UINT16_MAX = 65535
@@ -31,7 +41,7 @@ class ImageLoadError(Exception):
 
     def __init__(self, reason: str) -> None:
         # Error records are one line each (JSONL, CSV), so no newline may ever get through.
-        super().__init__(" ".join(reason.split()))
+        super().__init__(one_line(reason, limit=None))
 
 
 def load_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -52,7 +62,7 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS)
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 # Decode now, inside the guard: truncated or corrupt data only raises when pixels are read.
                 im.load()
-                upright = ImageOps.exif_transpose(im)
+                upright = centre_within_aspect(ImageOps.exif_transpose(im))
                 try:
                     return _to_rgb(upright)
                 except ValueError as e:
@@ -104,6 +114,25 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
         raise ImageLoadError(f"invalid image size: {width}x{height}")
     if width * height > max_pixels:
         raise ImageLoadError(f"image too large: {width}x{height} pixels exceeds limit {max_pixels}")
+
+
+def centre_within_aspect(im: Image.Image, max_ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """The image itself, or its centre part of aspect ratio ``max_ratio`` when its long side is longer."""
+    width, height = im.size
+    if width > height * max_ratio:
+        left, right = _centre_span(width, height * max_ratio)
+        return im.crop((left, 0, right, height))
+    if height > width * max_ratio:
+        top, bottom = _centre_span(height, width * max_ratio)
+        return im.crop((0, top, width, bottom))
+    return im
+
+
+def _centre_span(length: int, keep: int) -> tuple[int, int]:
+    """Start and end of the middle ``keep`` (or ``keep + 1``) of ``length`` pixels, centred exactly."""
+    keep += (length - keep) % 2  # same parity as the whole: the part's centre is the image's centre
+    start = (length - keep) // 2
+    return start, start + keep
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

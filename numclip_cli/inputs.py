@@ -1,11 +1,18 @@
-"""Input discovery for ``predict``: files, directories, globs and ``-`` (stdin), in input order, plus sharding."""
+"""Input discovery for ``predict``: files, directories, globs and ``-`` (stdin), in input order, plus sharding.
+
+Paths are kept as Python gives them for the file system (``os.fsdecode``): a name that is not valid UTF-8 holds
+lone surrogates (``\udcff`` for the byte 0xff), so it can still be opened. ``record_path`` turns such a path into
+the fields a record carries, and ``path_from_record`` turns those fields back into the same path.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import glob
 import os
-from collections.abc import Iterable, Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TextIO
 
 from numclip_cli.errors import UsageError
 
@@ -20,16 +27,86 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def record_path(path: str) -> dict[str, str]:
+    """The path fields of an output record: ``path``, plus ``path_bytes`` when the name is not valid UTF-8.
+
+    ``path`` is always valid UTF-8 text: the name itself, or with each undecodable byte shown as U+FFFD.
+    ``path_bytes`` (standard base64 of the name's bytes) is present only then, so the exact file can be found.
+
+    >>> record_path("photos/a.png")
+    {'path': 'photos/a.png'}
+    >>> record_path(os.fsdecode(b"caf\\xe9.png"))
+    {'path': 'caf\ufffd.png', 'path_bytes': 'Y2Fm6S5wbmc='}
+    """
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        raw = _name_bytes(path)
+        return {"path": raw.decode("utf-8", "replace"), "path_bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def path_from_record(record: Mapping[str, Any]) -> str:
+    """The input path a record was written for (inverse of ``record_path``); KeyError/ValueError if malformed."""
+    if "path_bytes" not in record:
+        return record["path"]
+    try:
+        return os.fsdecode(base64.b64decode(record["path_bytes"], validate=True))
+    except (TypeError, binascii.Error) as exc:
+        raise ValueError(f"bad path_bytes: {exc}") from None
+
+
+def _name_bytes(path: str) -> bytes:
+    """The bytes of a file name; a lone surrogate that no file name can hold is kept as its UTF-8 form."""
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogatepass")
+
+
 def read_path_list(stream: TextIO, null: bool = False) -> list[str]:
-    """Paths from a stream: newline-separated (a trailing CR is dropped) or NUL-separated with ``null``."""
-    text = stream.read()
+    """Paths from a stream: newline-separated (a trailing CR is dropped) or NUL-separated with ``null``.
+
+    The stream's bytes are read when it has them (``sys.stdin``): names are decoded as the file system does,
+    so a name that is not valid UTF-8 is kept exactly, whatever the terminal's locale.
+    """
+    buffer = getattr(stream, "buffer", None)
+    text = os.fsdecode(buffer.read()) if buffer is not None else stream.read()
     if null:
         return [p for p in text.split("\0") if p]
     return [p.removesuffix("\r") for p in text.split("\n") if p.strip()]
 
 
+class UnreadableFolder(str):
+    """An input that is a folder numclip could not list: its path, with the one-line ``reason`` for its record.
+
+    It travels with the image paths (sharding, ``--skip-existing`` and input order treat it as one input), so
+    the images it hides are reported as one error record instead of silently missing.
+    """
+
+    reason: str
+
+    def __new__(cls, path: str, reason: str) -> UnreadableFolder:
+        folder = super().__new__(cls, path)
+        folder.reason = reason
+        return folder
+
+    def __reduce__(self) -> tuple:
+        # decode workers may receive the inputs pickled: keep the reason
+        return UnreadableFolder, (str(self), self.reason)
+
+
+def _folder_error(exc: OSError) -> str:
+    """``cannot read folder: permission denied`` and the like."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot read folder: {text[:1].lower()}{text[1:]}"
+
+
 def scan_directory(root: str, recursive: bool) -> Iterator[str]:
-    """Image-named entries under ``root`` in sorted order; symlinked directories are visited once (no loops)."""
+    """Image-named entries under ``root`` in sorted order; symlinked directories are visited once (no loops).
+
+    A folder that cannot be listed (permission denied, vanished, I/O error) is yielded as an ``UnreadableFolder``.
+    """
     seen: set[str] = set()
     stack = [root]
     while stack:
@@ -40,7 +117,8 @@ def scan_directory(root: str, recursive: bool) -> Iterator[str]:
         seen.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            yield UnreadableFolder(folder, _folder_error(exc))
             continue
         subdirs = []
         for entry in entries:
@@ -48,9 +126,17 @@ def scan_directory(root: str, recursive: bool) -> Iterator[str]:
             # error records instead of silently disappearing
             if is_image_name(entry.name):
                 yield entry.path
-            elif recursive and entry.is_dir(follow_symlinks=True):
+            elif recursive and _is_dir(entry):
                 subdirs.append(entry.path)
         stack.extend(reversed(subdirs))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is (or links to) a folder; one whose type cannot be read is tried as a folder."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:  # listing it then reports the reason as an UnreadableFolder
+        return True
 
 
 def _has_glob(arg: str) -> bool:

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
-from numclip_cli.errors import NumclipError
+from numclip_cli.errors import NumclipError, one_line
 from numclip_cli.images import ImageLoadError, load_rgb
+from numclip_cli.inputs import UnreadableFolder
 from numclip_cli.model.methods import OrdinalModel
 
 # an upright image → its views (the image itself, or face crops) with the fields each adds to its record
@@ -34,6 +35,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str, list[dict[str, Any]]]:
+        if isinstance(self.paths[index], UnreadableFolder):
+            return index, None, self.paths[index].reason, []
         try:
             image = load_rgb(self.paths[index])
             views = self.crops(image) if self.crops else [(image, {})]
@@ -41,7 +44,7 @@ class ImageFiles(Dataset):
         except ImageLoadError as exc:
             return index, None, str(exc), []
         except Exception as exc:  # a transform failing on an odd image must not stop the run
-            return index, None, f"cannot preprocess image: {' '.join(str(exc).split())[:200]}", []
+            return index, None, f"cannot preprocess image: {one_line(exc)}", []
 
 
 @dataclass
@@ -134,9 +137,14 @@ def quantize_image_tower(model: OrdinalModel) -> None:
     import warnings
 
     with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works
+        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works in torch < 3,
+        # the bound pyproject sets; a torch without it is one line, not a traceback
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise NumclipError(f"--fast needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+                               f"does not have: run without --fast") from None
 
         quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
@@ -215,7 +223,7 @@ class Predictor:
             return self.predict_images(images)
         except torch.OutOfMemoryError as exc:
             if len(images) == 1:
-                raise NumclipError(f"out of {self.device} memory even for one image: {' '.join(str(exc).split())[:200]}"
+                raise NumclipError(f"out of {self.device} memory even for one image: {one_line(exc)}"
                                    f" (try a smaller --model or --device cpu)") from None
             return None
 

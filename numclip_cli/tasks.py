@@ -29,6 +29,8 @@ from typing import Any
 
 from numclip_cli.errors import TaskSpecError
 from numclip_cli.faces import ONE_VIEW_MODES
+from numclip_cli.names import task_names
+from numclip_cli.textfiles import MAX_TASK_SPEC_BYTES, read_text_file
 
 RANK_MODES = ("integers", "bins")
 SELECT_METRICS = ("mae", "mae_levels")  # checkpoint selection: lower is better for both
@@ -242,8 +244,7 @@ def _check_order(bins: tuple[Bin, ...], source: str) -> None:
 
 def list_tasks() -> list[str]:
     """Names of the built-in tasks."""
-    folder = resources.files("numclip_cli") / "task_specs"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return task_names()
 
 
 def get_task(name_or_path: str) -> TaskSpec:
@@ -254,10 +255,7 @@ def get_task(name_or_path: str) -> TaskSpec:
     path = Path(name_or_path)
     if path.suffix.lower() not in (".toml", ".json"):
         raise TaskSpecError(f"unknown task {name_or_path!r}: use one of {list_tasks()} or a .toml/.json file")
-    try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskSpecError(f"cannot read task spec {path}: {exc}") from None
+    text = read_text_file(path, MAX_TASK_SPEC_BYTES, "task spec", TaskSpecError)
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:

@@ -8,7 +8,6 @@ as an uninterrupted run; the last checkpoint carries the optimizer and scheduler
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -29,8 +28,11 @@ from numclip_cli import __version__, metrics
 from numclip_cli.backbone import Backbone
 from numclip_cli.checkpoint import (
     Checkpoint,
+    jsonable,
     load_state,
     model_tensors,
+    optimizer_state,
+    optimizer_tensors,
     read_checkpoint,
     round_frozen_init,
     write_checkpoint,
@@ -40,9 +42,8 @@ from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_acr
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import SELECT_METRICS, TaskSpec
-
-OPTIM_PREFIX = "optim."
 
 
 @dataclass
@@ -304,14 +305,16 @@ class Trainer:
         tensors = model_tensors(self.model, self.backbone, tuned_image=self.tunes_image)
         state = None
         if resume:
-            optim_tensors, state = _flatten_optimizer(self.optimizer.state_dict())
+            optim_tensors, state = optimizer_tensors(self.optimizer.state_dict())
             tensors.update(optim_tensors)
             state.update({"epoch": report.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                          "scheduler": _jsonable(self.scheduler.state_dict()),
+                          "scheduler": jsonable(self.scheduler.state_dict()),
                           "history": [asdict(h) for h in history]})
+        preprocess = Preprocessing(self.backbone.preprocess_cfg, self.task.faces, self.config.face_margin)
         write_checkpoint(path, Checkpoint(tensors=tensors, task=self.task, method=self.config.method,
                                           backbone=self.backbone.describe(),
-                                          train=self._summary(train, val, report, baseline), resume=state))
+                                          train=self._summary(train, val, report, baseline), resume=state,
+                                          preprocess=preprocess.to_metadata()))
 
     def resume_from(self, path: Path) -> int:
         """Restore model, optimizer and scheduler from a ``last`` checkpoint; returns the epochs already done."""
@@ -321,9 +324,8 @@ class Trainer:
         if ckpt.method != self.config.method or ckpt.task != self.task:
             raise UsageError(f"{path}: was trained with method {ckpt.method!r} on task {ckpt.task.name!r}; "
                              f"resume with the same --method and --task")
-        model_part = {k: v for k, v in ckpt.tensors.items() if not k.startswith(OPTIM_PREFIX)}
-        load_state(self.model, model_part, str(path), require_backbone=self.backbone.random_init)
-        self.optimizer.load_state_dict(_unflatten_optimizer(ckpt.tensors, ckpt.resume))
+        load_state(self.model, ckpt.model_tensors(), str(path), require_backbone=self.backbone.stored_in_checkpoint)
+        self.optimizer.load_state_dict(optimizer_state(ckpt.tensors, ckpt.resume))
         scheduler = dict(ckpt.resume["scheduler"])
         scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})
         self.scheduler.load_state_dict(scheduler)
@@ -332,30 +334,3 @@ class Trainer:
         self.history = [EpochReport(**report) for report in ckpt.resume.get("history", [])]
         return self.start_epoch
 
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: dict(o) if isinstance(o, Counter) else str(o)))
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state → tensors (``optim.<param>.<key>``) + JSON (param groups and non-tensor entries)."""
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{OPTIM_PREFIX}{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": _jsonable(state["param_groups"]), "optimizer_scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], resume: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith(OPTIM_PREFIX):
-            index, key = name[len(OPTIM_PREFIX):].split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in resume.get("optimizer_scalars", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": resume["param_groups"]}

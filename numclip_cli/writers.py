@@ -1,4 +1,8 @@
-"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes."""
+"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes.
+
+Every writer turns the record's path into ``inputs.record_path`` fields first, so a file name that is not valid
+UTF-8 is written as valid text (``path``) plus its exact bytes (``path_bytes``), never a crash.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ from typing import IO, Any
 
 from numclip_cli.atomic import final_path, no_space, remove_stale_temps
 from numclip_cli.errors import NumclipError
+from numclip_cli.inputs import path_from_record, record_path
 
 FORMATS = ("table", "jsonl", "csv")
 _CSV_FIXED = ["path", "status", "task", "value", "value_max", "bin", "bin_index", "value_bin", "expected_bin",
               "interval_low", "interval_high", "bin_set", "coverage", "face_index", "face_box"]
+_CSV_LAST = ["error", "path_bytes"]  # path_bytes last: a column added later must not shift the others
 
 
 class JsonlWriter:
@@ -27,7 +33,7 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record."""
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.write(json.dumps(with_path_fields(record), ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         """Push written records to the reader."""
@@ -44,13 +50,17 @@ class CsvWriter(JsonlWriter):
     def __init__(self, stream: IO[str], bin_names: list[str]) -> None:
         super().__init__(stream)
         self.prob_columns = [f"p_{name}" for name in bin_names]
-        self.writer = csv.DictWriter(stream, fieldnames=[*_CSV_FIXED, *self.prob_columns, "error"],
-                                     extrasaction="ignore", lineterminator="\n")
+        fields = [*_CSV_FIXED, *self.prob_columns, *_CSV_LAST]
+        self.writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        # Before Python 3.13 the csv module leaves a field holding a lone "\r" unquoted when rows end in "\n", and
+        # every reader then splits the row there; such rows are written with every field quoted.
+        self.quoting_writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n",
+                                             quoting=csv.QUOTE_ALL)
         self.writer.writeheader()
 
     def write(self, record: dict[str, Any]) -> None:
         """Flatten and write one record."""
-        row = dict(record)
+        row = with_path_fields(record)
         for column, p in zip(self.prob_columns, (record.get("probs") or {}).values(), strict=False):
             row[column] = p
         if "interval" in record:
@@ -60,13 +70,16 @@ class CsvWriter(JsonlWriter):
         if record.get("face"):
             row["face_index"] = record["face"]["index"]
             row["face_box"] = " ".join(str(v) for v in record["face"]["box"])
-        self.writer.writerow(row)
+        has_cr = any("\r" in value for value in row.values() if isinstance(value, str))
+        (self.quoting_writer if has_cr else self.writer).writerow(row)
 
 
 class TableWriter(JsonlWriter):
     """A rich table for people at a terminal, rendered when the run ends.
 
     A value that lies in another bin than the most probable one is marked, and a footnote names that bin.
+    Text from files (names, error reasons, a task's bin names) goes in as ``rich.text.Text``, never as markup, so
+    ``[bold]x.png`` stays those characters; control characters are shown as escapes (see ``visible``).
     """
 
     def __init__(self, stream: IO[str], unit: str) -> None:
@@ -80,17 +93,22 @@ class TableWriter(JsonlWriter):
 
     def write(self, record: dict[str, Any]) -> None:
         """Add one row."""
+        from rich.text import Text
+
+        path = Text(visible(record_path(record["path"])["path"]))
         if record["status"] != "ok":
-            self.table.add_row(record["path"], "", "", "", f"[red]{record['status']}[/]: {record.get('error', '')}")
+            status = Text.assemble((record["status"], "red"), ": ", visible(record.get("error", "")))
+            self.table.add_row(path, "", "", "", status)
             return
         value = f"{record['value']:.2f}"
         if record["value_bin"] != record["bin"]:
-            value += f" ({record['value_bin']})†"
+            value += f" ({visible(record['value_bin'])})†"
             self.table.caption = "† the value lies in the bin in brackets, not in the most probable bin"
         if "interval" in record:
             low, high = record["interval"]
             value += f"  [{low:.1f}, {high:.1f}]"
-        self.table.add_row(record["path"], value, record["bin"], f"{record['probs'][record['bin']]:.2f}", "ok")
+        self.table.add_row(path, Text(value), Text(visible(record["bin"])), f"{record['probs'][record['bin']]:.2f}",
+                           "ok")
 
     def close(self) -> None:
         """Render the table."""
@@ -101,6 +119,23 @@ class TableWriter(JsonlWriter):
             console.width = 1000  # a file or pipe has no width: never wrap paths mid-name, the table stays natural
         console.print(self.table)
         self.flush()
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every non-printable character (ESC, CR, BEL, bidi overrides ...) as its Python escape.
+
+    A terminal acts on control characters (an ESC sequence recolours it or rewrites its title, a CR overwrites
+    the line), so a file name must not carry them to the screen.
+
+    >>> visible("a\x1b[31mred\r.png")
+    'a\\x1b[31mred\\r.png'
+    """
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its path as ``record_path`` fields (``path``, and ``path_bytes`` when needed), path first."""
+    return {**record_path(record["path"]), **{key: value for key, value in record.items() if key != "path"}}
 
 
 def make_writer(fmt: str, stream: IO[str], bin_names: list[str], unit: str = "") -> JsonlWriter:
@@ -118,8 +153,8 @@ def path_key(path: str) -> str:
 
 
 def record_key(record: dict[str, Any]) -> str:
-    """The matching key of a written record (its input's ``path_key``)."""
-    return path_key(record["path"])
+    """The matching key of a written record (its input's ``path_key``; exact bytes for a non-UTF-8 name)."""
+    return path_key(path_from_record(record))
 
 
 def _first_of_input(record: dict[str, Any]) -> bool:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from image_corpus import make_corpus
+from helpers import TINY, make_corpus
 
-TINY = "numclip-tiny"
 SYNTHETIC_IMAGES = 24  # below the default batch size (32): one forward pass per CLI run
 
 
@@ -53,6 +52,18 @@ def tiny_backbone():
 
 
 @pytest.fixture(scope="session")
+def tiny_weights_off_init(tiny_backbone) -> dict:
+    """``numclip-tiny`` weights that no seeded init reproduces (the tiny backbone's, moved by seeded noise): a test
+    that loads them and compares with them fails if loading silently keeps an init."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return {key: (value + 0.05 * torch.randn(value.shape, generator=generator)).contiguous()
+            if value.dtype.is_floating_point else value.contiguous()
+            for key, value in tiny_backbone.model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder-per-label "count the dots" dataset (seed 0) with its ``task.toml``; returns the folder."""
     from numclip_cli.synthetic import write_dataset
@@ -70,7 +81,7 @@ def synthetic_images(synthetic_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The awkward-file corpus of ``tests/image_corpus.py`` (see its ``EXPECTED`` for ok/error per name)."""
+    """The awkward-file corpus of ``tests/helpers.py`` (see its ``EXPECTED`` for ok/error per name)."""
     folder = tmp_path_factory.mktemp("corpus")
     make_corpus(folder)
     return folder

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from numclip_cli import calibration as cal
-from numclip_cli import metrics
+from numclip_cli import metrics, plotting
 from numclip_cli.checkpoint import read_checkpoint, write_checkpoint
 from numclip_cli.errors import CheckpointError, DataError, UsageError
 from numclip_cli.synthetic import task_spec, write_dataset
@@ -178,11 +178,11 @@ def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path:
 def test_reliability_diagram_is_a_png_of_the_expected_size(splits, tmp_path: Path) -> None:
     calib, _ = splits
     path = tmp_path / "reliability.png"
-    cal.save_reliability_diagram(path, calib, temperature=5.0, title="test")
+    plotting.save_reliability_diagram(path, calib, temperature=5.0, title="test")
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+        assert image.format == "PNG" and image.size == plotting.PLOT_SIZE
         colours = {rgb for _, rgb in image.convert("RGB").getcolors(maxcolors=1 << 16)}
-    assert {cal._BEFORE, cal._AFTER} <= colours  # both curves are drawn
+    assert {plotting._BEFORE, plotting._AFTER} <= colours  # both curves are drawn
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -228,6 +228,7 @@ def calibrated(overconfident: Path, data: dict[str, Path], run_cli) -> dict[str,
     return {"path": out, "plot": plot, "report": json.loads(report.read_text()), "result": result}
 
 
+@pytest.mark.slow
 def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overconfident: Path) -> None:
     report = calibrated["report"]
     before, after = report["metrics"]["before"], report["metrics"]["after"]
@@ -242,22 +243,25 @@ def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overco
     stored = read_checkpoint(calibrated["path"]).calibration
     assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 300
     with Image.open(calibrated["plot"]) as image:
-        assert image.format == "PNG" and image.size == cal.PLOT_SIZE
+        assert image.format == "PNG" and image.size == plotting.PLOT_SIZE
 
 
+@pytest.mark.slow
 def test_calibrated_probabilities_on_the_test_split_are_better(calibrated, overconfident, data) -> None:
-    from numclip_cli.checkpoint import load_model
     from numclip_cli.datasets import load_samples
+    from numclip_cli.evaluation import collect
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.predictor import Predictor
 
-    model, backbone, _ = load_model(calibrated["path"])
-    held = cal.collect(Predictor(model, torch.device("cpu")), load_samples(data["test"], SIZE),
-                       backbone.preprocess, batch_size=64, workers=0)
+    loaded = create_model_and_transforms(checkpoint=calibrated["path"])
+    held = collect(Predictor(loaded.model, torch.device("cpu")), load_samples(data["test"], SIZE),
+                   loaded.transform, batch_size=64, workers=0)
     t = calibrated["report"]["temperature"]
     assert cal.calibration_metrics(held, t)["nll"] < cal.calibration_metrics(held, 1.0)["nll"]
     assert cal.calibration_metrics(held, t)["ece"] < cal.calibration_metrics(held, 1.0)["ece"]
 
 
+@pytest.mark.slow
 def test_predict_in_a_subprocess_reports_intervals_and_bin_sets(calibrated, data, numclip_bin, clean_env) -> None:
     proc = subprocess.run([str(numclip_bin), "predict", str(data["test"]), "--recursive", "--checkpoint",
                            str(calibrated["path"]), "--coverage", "0.9", "--format", "jsonl", "--workers", "0",
@@ -280,6 +284,7 @@ def test_predict_in_a_subprocess_reports_intervals_and_bin_sets(calibrated, data
     assert 0.8 <= hits / 200 <= 0.97 and 0.8 <= set_hits / 200 <= 0.97
 
 
+@pytest.mark.slow
 def test_predict_uses_the_calibrated_temperature(calibrated, overconfident, data, run_cli) -> None:
     images = sorted(str(p) for p in (data["test"] / "5").glob("*.png"))[:3]
     raw = run_cli(["predict", *images, "--checkpoint", overconfident, "--format", "jsonl", *CPU])
@@ -297,6 +302,7 @@ def test_predict_uses_the_calibrated_temperature(calibrated, overconfident, data
         assert a["value"] == b["value"] and a["bin"] == b["bin"]
 
 
+@pytest.mark.slow
 def test_coverage_needs_a_calibrated_model(overconfident, calibrated, data, run_cli) -> None:
     image = str(next((data["test"] / "5").glob("*.png")))
     zero_shot = run_cli(["predict", image, "--task", str(data["test"] / "task.toml"), "--model", "numclip-tiny",
@@ -308,6 +314,7 @@ def test_coverage_needs_a_calibrated_model(overconfident, calibrated, data, run_
     assert too_sure.exit_code == 2 and "needs at least 999 calibration samples, there are 300" in too_sure.stderr
 
 
+@pytest.mark.slow
 def test_calibrate_rewrites_in_place_and_refuses_too_little_data(overconfident, data, run_cli, tmp_path) -> None:
     copy = tmp_path / "model.safetensors"
     shutil.copy(overconfident, copy)

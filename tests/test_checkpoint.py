@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import signal
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +21,22 @@ from numclip_cli.checkpoint import (
     FORMAT_KEY,
     FORMAT_VERSION,
     Checkpoint,
-    load_model,
     model_tensors,
     read_checkpoint,
     write_checkpoint,
 )
 from numclip_cli.errors import CheckpointError
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.model.methods import METHODS, create_model
 from numclip_cli.tasks import get_task
 
 TRAIN_INFO = {"epochs": 0, "data": "none", "numclip": "test"}
+
+
+def load_model(path: Path):
+    """Model, backbone and checkpoint of a file, through the one factory."""
+    loaded = create_model_and_transforms(checkpoint=path)
+    return loaded.model, loaded.backbone, loaded.checkpoint
 
 
 def save_model(path: Path, model, backbone, method: str = "numclip") -> Path:
@@ -47,9 +57,19 @@ def images(tiny_backbone) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def numclip_model(tiny_backbone):
+def own_backbone(tiny_backbone):
+    """A random-init tiny backbone from another seed: the checkpoint must carry it, since loading a
+    ``pretrained none`` checkpoint starts from the seed-0 init (``tiny_backbone``) and a load that kept that
+    init would otherwise go unnoticed."""
+    backbone = load_backbone("numclip-tiny", "none", init_seed=7)
+    assert not torch.equal(backbone.model.visual.proj, tiny_backbone.model.visual.proj)
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def numclip_model(own_backbone):
     torch.manual_seed(0)
-    model = create_model("numclip", tiny_backbone, get_task("age")).eval()
+    model = create_model("numclip", own_backbone, get_task("age")).eval()
     with torch.no_grad():  # move the learnable parts off their init so a load that ignores them shows
         for p in [model.prompt.context, model.prompt.words, *model.adapter.parameters(),
                   *model.regressor.parameters()]:
@@ -58,8 +78,8 @@ def numclip_model(tiny_backbone):
 
 
 @pytest.fixture(scope="module")
-def checkpoint_file(tmp_path_factory, numclip_model, tiny_backbone) -> Path:
-    return save_model(tmp_path_factory.mktemp("ckpt") / "model.safetensors", numclip_model, tiny_backbone)
+def checkpoint_file(tmp_path_factory, numclip_model, own_backbone) -> Path:
+    return save_model(tmp_path_factory.mktemp("ckpt") / "model.safetensors", numclip_model, own_backbone)
 
 
 def test_round_trip_on_random_init_backbone(checkpoint_file: Path, numclip_model, images) -> None:
@@ -68,6 +88,9 @@ def test_round_trip_on_random_init_backbone(checkpoint_file: Path, numclip_model
     assert ckpt.method == "numclip" and ckpt.task == get_task("age") and ckpt.train == TRAIN_INFO
     assert backbone.name == "numclip-tiny" and backbone.random_init
     assert not loaded.training
+    saved = numclip_model.state_dict()
+    for key, value in loaded.state_dict().items():  # every tensor arrived, the backbone's included
+        assert torch.equal(value, saved[key]), key
     before, after = outputs(numclip_model, images), outputs(loaded, images)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)
@@ -81,16 +104,21 @@ def test_reloaded_prompts_give_the_saved_text_features(checkpoint_file: Path, nu
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_backbone, images, method: str) -> None:
-    """With file weights the checkpoint stores only the method's own tensors and points at the file."""
+def test_round_trip_on_a_local_weights_file(tmp_path: Path, tiny_weights_off_init, images, method: str) -> None:
+    """File weights travel inside the checkpoint (metadata never names a file) and arrive exactly."""
     weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(weights))
+    trained = tiny_weights_off_init
+    save_file(trained, str(weights))
     backbone = load_backbone("numclip-tiny", str(weights))
     model = create_model(method, backbone, get_task("hci")).eval()
     path = save_model(tmp_path / "m.safetensors", model, backbone, method=method)
-    assert not any(key.startswith("clip.") for key in load_file(str(path)))
-    loaded, _, ckpt = load_model(path)
-    assert ckpt.backbone["pretrained"] == str(weights) and ckpt.method == method
+    weights.unlink()  # the checkpoint must not need the file
+    loaded, loaded_backbone, ckpt = load_model(path)
+    assert ckpt.backbone["pretrained"] == "stored" and str(tmp_path) not in json.dumps(ckpt.backbone)
+    assert ckpt.method == method and loaded_backbone.stored_in_checkpoint
+    state = loaded.clip.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
     before, after = outputs(model, images), outputs(loaded, images)
     torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after.value, before.value, atol=1e-4, rtol=1e-5)
@@ -125,10 +153,10 @@ def test_loading_never_unpickles(monkeypatch: pytest.MonkeyPatch, checkpoint_fil
     assert outputs(model, images).value.shape == (4,)
 
 
-def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, numclip_model, tiny_backbone) -> None:
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, numclip_model, own_backbone) -> None:
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"previous")
-    save_model(path, numclip_model, tiny_backbone)
+    save_model(path, numclip_model, own_backbone)
     assert read_checkpoint(path).method == "numclip"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
@@ -268,3 +296,39 @@ def test_cli_rejects_checkpoint_with_model_or_other_task(checkpoint_file: Path, 
     assert combined.exit_code == 2 and "--checkpoint" in combined.stderr
     other = run_cli(["predict", synthetic_images[0], "--checkpoint", checkpoint_file, "--task", "hci"])
     assert other.exit_code == 2 and "task" in other.stderr
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the block blocks, e.g. on opening a FIFO nobody writes to."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("kind", "words"), [("fifo", "is a FIFO (named pipe), not a file"),
+                                             ("/dev/null", "is a character device, not a file"),
+                                             ("directory", "is a directory, not a file")])
+@pytest.mark.parametrize("option", ["--checkpoint", "--pretrained"])
+def test_a_checkpoint_or_weights_that_is_not_a_file_says_what_it_is(kind: str, words: str, option: str,
+                                                                    tmp_path: Path, synthetic_images,
+                                                                    run_cli) -> None:
+    """Checked with ``stat`` first: no "not found" for something that exists, and no hang on a FIFO."""
+    path = Path(kind) if kind.startswith("/") else tmp_path / "weights.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    args = ["--checkpoint", path] if option == "--checkpoint" else ["--model", "numclip-tiny", "--pretrained", path,
+                                                                      "--task", "age"]
+    with deadline(30):
+        result = run_cli(["predict", synthetic_images[0], *args])
+    assert result.exit_code == 1, result.stderr
+    assert words in result.stderr and str(path) in result.stderr and "not found" not in result.stderr

@@ -22,48 +22,19 @@ from typing import Any
 import click
 import pytest
 import typer
-from image_corpus import EXPECTED
-
-from numclip_cli.tasks import get_task
-
-MODEL = ["--model", "numclip-tiny", "--pretrained", "none", "--task", "age"]
-AGE_BINS = get_task("age").bin_names
-RECORD_FIELDS = {"path", "status", "task", "value", "bin", "bin_index", "probs", "expected_bin"}
-SUBPROCESS_TIMEOUT = 120
-
-
-def jsonl(text: str) -> list[dict[str, Any]]:
-    """Parse JSON lines; every non-empty line must be one JSON object."""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+from helpers import (
+    AGE_BINS,
+    EXPECTED,
+    MODEL,
+    SUBPROCESS_TIMEOUT,
+    assert_ok_record,
+    assert_same_predictions,
+    jsonl,
+)
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("numclip: error")]
-
-
-def assert_ok_record(record: dict[str, Any], path: str | None = None) -> None:
-    assert set(record) >= RECORD_FIELDS, record
-    if path is not None:
-        assert record["path"] == path
-    assert record["status"] == "ok" and record["task"] == "age"
-    assert list(record["probs"]) == AGE_BINS
-    assert math.isclose(sum(record["probs"].values()), 1.0, abs_tol=1e-4)
-    assert all(0 <= p <= 1 for p in record["probs"].values())
-    assert 0 <= record["bin_index"] < len(AGE_BINS) and record["bin"] == AGE_BINS[record["bin_index"]]
-    assert record["probs"][record["bin"]] == max(record["probs"].values())
-    assert 0 <= record["value"] <= 100 and isinstance(record["value"], float)
-    assert 0 <= record["expected_bin"] <= len(AGE_BINS) - 1
-
-
-def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]], tol: float = 1e-3) -> None:
-    assert [r["path"] for r in got] == [r["path"] for r in want]
-    for a, b in zip(got, want, strict=True):
-        assert a["status"] == b["status"]
-        if a["status"] == "ok":
-            assert math.isclose(a["value"], b["value"], abs_tol=tol), (a, b)
-            assert math.isclose(a["expected_bin"], b["expected_bin"], abs_tol=tol)
-            for name in AGE_BINS:
-                assert math.isclose(a["probs"][name], b["probs"][name], abs_tol=tol)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +263,7 @@ def test_decode_workers_do_not_change_output(run_cli, synthetic_dir: Path, basel
 
 # --- the real command, as a pipeline runs it ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_real_process_writes_jsonl_to_a_pipe(numclip_bin: Path, synthetic_dir: Path, synthetic_images,
                                              clean_env) -> None:
     proc = subprocess.run(
@@ -306,6 +278,7 @@ def test_real_process_writes_jsonl_to_a_pipe(numclip_bin: Path, synthetic_dir: P
     assert "Traceback" not in proc.stderr and "\x1b[" not in proc.stderr  # no colours off a terminal
 
 
+@pytest.mark.slow
 def test_real_process_reads_paths_from_stdin(numclip_bin: Path, synthetic_images, tmp_path: Path,
                                              clean_env) -> None:
     """``find ... | numclip predict -``: order kept; a FIFO among the inputs is an error record, not a hang."""
@@ -321,6 +294,7 @@ def test_real_process_reads_paths_from_stdin(numclip_bin: Path, synthetic_images
     assert records[1]["error"] == "not a regular file"
 
 
+@pytest.mark.slow
 def test_real_process_without_weights_offline_says_how_to_get_them(numclip_bin: Path, synthetic_images,
                                                                    clean_env) -> None:
     proc = subprocess.run([str(numclip_bin), "predict", synthetic_images[0], "--task", "age", "--offline"],
@@ -341,10 +315,14 @@ def _command_names() -> list[str]:
     return group.list_commands(click.Context(group))
 
 
-def test_subcommands_are_discovered() -> None:
-    assert {"predict", "tasks"} <= set(_command_names())
+def test_every_subcommand_is_discovered() -> None:
+    """The help tests below are parametrised over this list: it must hold every subcommand module in ``cli/``."""
+    modules = {path.stem for path in (Path(__file__).parents[1] / "numclip_cli" / "cli").glob("*.py")}
+    assert set(_command_names()) == modules - {"__init__", "app", "common"}
+    assert {"predict", "train", "calibrate", "synth", "tasks", "bench"} <= set(_command_names())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[], *[[name] for name in _command_names()]], ids=lambda c: " ".join(c) or "root")
 def test_help_exits_0(numclip_bin: Path, command: list[str], clean_env) -> None:
     proc = subprocess.run([str(numclip_bin), *command, "--help"], capture_output=True, text=True,
@@ -365,9 +343,10 @@ def test_help_does_not_import_torch(tmp_path: Path) -> None:
             result = CliRunner().invoke(app, [*command, "--help"])
             assert result.exit_code == 0, (command, result.output)
         heavy = sorted(m for m in ("torch", "open_clip", "torchvision") if m in sys.modules)
-        print("heavy:", heavy)
+        print("helps:", len(group.list_commands(click.Context(group))) + 1, "heavy:", heavy)
         sys.exit(1 if heavy else 0)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["helps:", str(len(_command_names()) + 1), "heavy:", "[]"]  # root + every command

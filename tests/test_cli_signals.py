@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import MODEL, SUBPROCESS_TIMEOUT
 from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT
 
 IMAGES = 400  # with --batch-size 8: 50 batches, so the first signal lands mid-run
 

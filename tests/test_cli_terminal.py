@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import typer
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT
+from helpers import MODEL, SUBPROCESS_TIMEOUT
 from typer.testing import CliRunner
 
 from numclip_cli.cli.app import app

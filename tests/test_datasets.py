@@ -100,6 +100,7 @@ def test_unreadable_images_are_skipped_not_replaced(images: list[Path], tmp_path
     assert batch["bins"].tolist() == [0, 2, 3]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=200))
 def test_fuzzed_lists_only_raise_data_errors(tmp_path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from numclip_cli.checkpoint import read_checkpoint
@@ -32,6 +33,7 @@ def test_rank_shares_of_a_batch_form_the_single_process_batch() -> None:
     assert sorted(i for shard in ranks for i in shard) == list(range(48))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training_matches_one_process(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_dataset("fill", data, n=64, seed=1)

@@ -25,10 +25,10 @@ from numclip_cli.errors import TaskSpecError, UsageError
 from numclip_cli.faces import Box, FaceCrops, crop, crop_square, detect, face_transform, resolve_mode
 from numclip_cli.tasks import get_task, task_from_dict
 
-ASTRONAUT_FACE = Box(177, 66, 95, 95)  # facts.md: frontal cascade, scaleFactor 1.1, minNeighbors 5
+ASTRONAUT_FACE = Box(177, 66, 95, 95)  # docs/faces.md: frontal cascade, scaleFactor 1.1, minNeighbors 5
 # the composite: where each copy of the astronaut's face crop is pasted, and its side (largest first)
 PASTES = [((20, 60), 200), ((280, 20), 150), ((480, 150), 110)]
-TINY = ["--model", "numclip-tiny", "--pretrained", "none", "--workers", "0", "--offline", "--quiet"]
+TINY = ["--model", "numclip-tiny", "--pretrained", "none", "--device", "cpu", "--workers", "0", "--offline", "--quiet"]
 
 
 def iou(a: Box, b: Box) -> float:
@@ -222,6 +222,7 @@ def test_predict_faces_all_gives_a_record_per_face_in_input_order(run_cli, photo
     assert iou(Box(*got[0]["face"]["box"]), half) > 0.7
 
 
+@pytest.mark.slow
 def test_predict_defaults_follow_the_task(run_cli, photos, group) -> None:
     paths = [photos["group"], photos["coffee"]]
     age = records(run_cli(["predict", *paths, *TINY, "--task", "age", "--format", "jsonl"]))
@@ -255,6 +256,7 @@ def _tag_with_pid(image: Image.Image) -> list[tuple[Image.Image, dict[str, Any]]
     return [(image, {"view": i, "pid": os.getpid()}) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_train_crops_faces_and_the_checkpoint_remembers(run_cli, photos, tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "ages"
     for label, name in [("30", "astronaut"), ("40", "group"), ("50", "astronaut"), ("60", "group")]:

@@ -9,9 +9,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import EXPECTED, OK_SIZES, encode, gradient, make_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from image_corpus import EXPECTED, OK_SIZES, encode, gradient, make_corpus
 from PIL import Image, ImageOps
 
 from numclip_cli.images import ImageLoadError, load_rgb

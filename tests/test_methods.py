@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from numclip_cli.backbone import load_backbone
-from numclip_cli.checkpoint import Checkpoint, load_model, model_tensors, read_checkpoint, write_checkpoint
+from numclip_cli.checkpoint import Checkpoint, model_tensors, read_checkpoint, write_checkpoint
 from numclip_cli.datasets import load_samples
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.losses import ordinal_pairwise_loss, ordinalclip_kl
 from numclip_cli.model.methods import METHODS, Output, RankModel, create_model
 from numclip_cli.model.ranks import InterpolatedRanks, RankFormer, interpolation_weights
@@ -207,6 +209,7 @@ def dots_samples(synthetic_dir: Path):
     return load_samples(synthetic_dir, task_spec("dots"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_round_trips_and_predicts(method: str, dots_samples, synthetic_images, tmp_path: Path) -> None:
     task = task_spec("dots")
@@ -221,16 +224,26 @@ def test_method_trains_round_trips_and_predicts(method: str, dots_samples, synth
         after = model.state_dict()
         assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
         assert any(not torch.equal(before[k], after[k]) for k in before), "one step changed nothing"
-    else:
+    else:  # nothing to train: the checkpoint must lead back to the backbone's weights, here from a file that
+        # differs from every seeded init (so a loader that ignored it would be caught below)
+        weights = tmp_path / "weights.safetensors"
+        generator = torch.Generator().manual_seed(1)
+        save_file({k: (v + 0.05 * torch.randn(v.shape, generator=generator)).contiguous()
+                   for k, v in backbone.model.state_dict().items()}, str(weights))
+        backbone = load_backbone("numclip-tiny", str(weights))
         model = create_model(method, backbone, task)
         write_checkpoint(out, Checkpoint(tensors=model_tensors(model, backbone, tuned_image=False), task=task,
                                          method=method, backbone=backbone.describe()))
-    loaded, _, ckpt = load_model(out)
+    result = create_model_and_transforms(checkpoint=out)
+    loaded, ckpt = result.model, result.checkpoint
     assert ckpt.method == method
     batch = images(3)
     model.eval()
     with torch.no_grad():
         live, again = model(batch), loaded(batch)
+        untrained = create_model(method, fresh_backbone(), task).eval()(batch)
+    # what was trained (or loaded from the file) is not what a fresh seeded model gives: the round trip carried it
+    assert not torch.allclose(untrained.logits, live.logits, atol=1e-3)
     rank_method = method in RANK_METHODS
     assert (live.value_max is not None) == (again.value_max is not None) == rank_method
     for name in ("logits", "value", "value_max") if rank_method else ("logits", "value"):
@@ -258,6 +271,7 @@ def test_predictor_computes_rank_text_features_once(method: str, tiny_backbone, 
     assert len(records) == 6 and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_linear_probe_encodes_each_image_once(dots_samples, tmp_path: Path, monkeypatch) -> None:
     """The frozen image tower runs once per image for the whole run, not once per epoch."""
     trainer = Trainer(fresh_backbone(), task_spec("dots"),
@@ -302,6 +316,7 @@ def test_checkpoint_is_selected_on_the_tasks_metric(select: str, best_epoch: int
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 @pytest.mark.parametrize("method", TRAINED_METHODS)
 def test_cli_trains_and_predicts_every_method(method: str, run_cli, synthetic_dir: Path, synthetic_images,
                                               tmp_path: Path) -> None:

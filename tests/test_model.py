@@ -13,7 +13,8 @@ from torch import nn
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
 from numclip_cli.model.heads import FineRegressor
-from numclip_cli.model.methods import METHODS, NumClip, ZeroShot, create_model
+from numclip_cli.model.methods import METHODS, NumClip, create_model
+from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS
 from numclip_cli.synthetic import list_generators, task_spec
 from numclip_cli.tasks import TaskSpec, get_task, list_tasks
 
@@ -37,9 +38,15 @@ def batch(tiny_backbone) -> torch.Tensor:
     return images(tiny_backbone)
 
 
-def test_methods_registry() -> None:
-    assert {"numclip", "zeroshot"} <= set(METHODS)
-    assert METHODS["numclip"] is NumClip and METHODS["zeroshot"] is ZeroShot
+def test_methods_registry_builds_each_method_by_its_name(tiny_backbone) -> None:
+    assert tuple(METHODS) == METHOD_NAMES  # the torch-free list that help texts are built from
+    for name, cls in METHODS.items():
+        model = create_model(name, tiny_backbone, get_task("age"))
+        assert type(model) is cls and model.method == name  # the name a checkpoint stores rebuilds this class
+        assert (not model.trainable_groups()) == (name in UNTRAINED_METHODS), name
+    assert isinstance(create_model("numclip", tiny_backbone, get_task("age")), NumClip)
+    with pytest.raises(UsageError, match="unknown method 'numclip2'"):
+        create_model("numclip2", tiny_backbone, get_task("age"))
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -254,6 +261,7 @@ def test_prompt_words_have_variable_token_lengths(tiny_backbone) -> None:
     assert model.prompt.context.shape[0] == len(tiny_backbone.tokenizer.encode(task.prompt.split("{}")[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "width"), [("ViT-B-32", 512), ("RN50", 1024)])
 def test_embedding_width_comes_from_the_backbone(name: str, width: int) -> None:
     """Random-init ViT-B-32 (512-d) and RN50 (1024-d): one forward pass on a single image each."""

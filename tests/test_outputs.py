@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import Result
-from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
+from helpers import MODEL, SUBPROCESS_TIMEOUT, jsonl, write_distinct_pngs
 
 from numclip_cli.atomic import atomic_open, atomic_write_bytes, remove_stale_temps
 from numclip_cli.locking import lock_path
@@ -139,7 +138,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import numclip_cli.backbone
     import numclip_cli.checkpoint
     import numclip_cli.datasets
-    import numclip_cli.session
+    import numclip_cli.factory
 
     calls: list[str] = []
 
@@ -149,8 +148,9 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise RuntimeError(f"{name} ran before the output location was checked")
         return work
 
-    for module, name in ((numclip_cli.session, "open_session"), (numclip_cli.backbone, "load_backbone"),
-                         (numclip_cli.checkpoint, "load_model"), (numclip_cli.datasets, "load_samples")):
+    for module, name in ((numclip_cli.factory, "create_model_and_transforms"), (numclip_cli.factory, "open_backbone"),
+                         (numclip_cli.backbone, "load_backbone"), (numclip_cli.checkpoint, "read_checkpoint"),
+                         (numclip_cli.datasets, "load_samples")):
         monkeypatch.setattr(module, name, refuse(name))
     return calls
 
@@ -330,9 +330,7 @@ MANY = 120  # with --batch-size 4: 30 batches, so a kill lands mid-run
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A folder of tiny distinct PNGs and their paths in the order ``predict FOLDER`` visits them."""
     folder = tmp_path_factory.mktemp("many")
-    for i in range(MANY):
-        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 90)).save(folder / f"{i:03d}.png")
-    return folder, [str(folder / f"{i:03d}.png") for i in range(MANY)]
+    return folder, write_distinct_pngs(folder, MANY, blue=90)
 
 
 @pytest.fixture
@@ -453,7 +451,7 @@ def test_a_folder_with_images_only_in_sub_folders_suggests_recursive(run_cli, sy
     assert result.exit_code == 1, result.stderr
     assert f"numclip: error: no inputs found ({synthetic_dir} has sub-folders: add --recursive)" in result.stderr
     flat = run_cli(["predict", synthetic_dir, "--recursive", *MODEL])
-    assert no_work == ["open_session"]  # with --recursive it finds the images and goes on to load a model
+    assert no_work == ["create_model_and_transforms"]  # --recursive finds the images: loads a model
     assert "sub-folders" not in flat.stderr
 
 

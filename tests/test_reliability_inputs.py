@@ -10,11 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import MODEL, assert_ok_record, jsonl, one_error_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
-from test_cli_predict import MODEL, assert_ok_record, jsonl
-from test_reliability_security import one_error_line
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -215,6 +214,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @FUZZ
 @given(spec=task_specs())
 def test_fuzzed_task_specs_never_give_a_traceback(run_cli, scratch: Path, spec: tuple[str, str]) -> None:
@@ -249,6 +249,7 @@ def data_lists(draw) -> tuple[str, str]:
     return kind, "\n".join([header, *(f"{path}{sep}{label}" for path, label in rows)]) + "\n"
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=data_lists())
 def test_fuzzed_data_lists_never_give_a_traceback(run_cli, scratch: Path, data: tuple[str, str]) -> None:

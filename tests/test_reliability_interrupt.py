@@ -17,10 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import TINY
-from PIL import Image
-from test_cli_predict import MODEL, SUBPROCESS_TIMEOUT, jsonl
-from test_reliability_security import one_error_line
+from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line, write_distinct_pngs
 
 from numclip_cli.cli.common import Terminated, stop_at_safe_points
 from numclip_cli.predictor import ImageFiles
@@ -32,9 +29,7 @@ MANY = 400  # with --batch-size 8 a run takes 50 batches: a signal always lands 
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A folder of tiny distinct PNGs and their paths in the order ``predict FOLDER`` visits them."""
     folder = tmp_path_factory.mktemp("many")
-    for i in range(MANY):
-        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 40)).save(folder / f"{i:03d}.png")
-    return folder, [str(folder / f"{i:03d}.png") for i in range(MANY)]
+    return folder, write_distinct_pngs(folder, MANY, blue=40)
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = SUBPROCESS_TIMEOUT) -> None:
@@ -70,6 +65,7 @@ def resume(run_cli, folder: Path, out: Path, paths: list[str]) -> None:
     assert len(assert_complete_records(out, paths)) == len(paths)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_group_signal_during_predict_keeps_complete_records(signum: int, code: int, numclip_bin: Path, many_images,
                                                             tmp_path: Path, clean_env, run_cli) -> None:
@@ -95,6 +91,7 @@ def test_group_signal_during_predict_keeps_complete_records(signum: int, code: i
     resume(run_cli, folder, out, paths)
 
 
+@pytest.mark.slow
 def test_a_dead_decode_worker_keeps_complete_records(many_images, tmp_path: Path, run_cli,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker killed outright (the OOM killer, a crashing decoder) makes the DataLoader raise in the main
@@ -133,9 +130,11 @@ def test_first_signal_waits_for_a_safe_point_and_a_second_stops_at_once() -> Non
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
+@pytest.mark.slow
 def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, tmp_path: Path, clean_env,
                                                             run_cli) -> None:
-    from numclip_cli.checkpoint import load_model, read_checkpoint
+    from numclip_cli.checkpoint import read_checkpoint
+    from numclip_cli.factory import create_model_and_transforms
     from numclip_cli.synthetic import write_dataset
     from numclip_cli.trainer import last_path
 
@@ -160,7 +159,7 @@ def test_sigkill_during_train_leaves_a_resumable_checkpoint(numclip_bin: Path, t
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     last = read_checkpoint(last_path(out))
     assert last.resume["epoch"] == 1 and len(last.resume["history"]) == 1
-    load_model(out)  # the best checkpoint (epoch 1) loads as a model
+    create_model_and_transforms(checkpoint=out)  # the best checkpoint (epoch 1) loads as a model
     result = run_cli(args[:-1] + ["--resume"])  # in-process: no second start-up
     assert result.exit_code == 0, result.stderr
     assert "resuming after epoch 1 of 3" in result.stderr

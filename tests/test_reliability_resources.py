@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
-from test_cli_predict import MODEL, assert_same_predictions, jsonl
-from test_reliability_security import one_error_line
+from helpers import MODEL, TINY, assert_same_predictions, jsonl, one_error_line
 
 from numclip_cli.model.methods import OrdinalModel
 from numclip_cli.writers import JsonlWriter

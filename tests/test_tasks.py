@@ -374,6 +374,7 @@ def mutated_specs(draw: st.DrawFn) -> Any:
     return data
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.one_of(mutated_specs(), json_values))
 def test_task_from_dict_only_raises_task_spec_errors(data: Any) -> None:
@@ -389,6 +390,7 @@ def test_task_from_dict_only_raises_task_spec_errors(data: Any) -> None:
     assert task.bin_index(task.low) == 0 and task.bin_index(task.high) == len(task.bins) - 1
 
 
+@pytest.mark.slow
 @FUZZ
 @given(mutated_specs())
 def test_json_text_specs_only_raise_task_spec_errors(data: Any) -> None:

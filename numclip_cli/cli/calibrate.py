@@ -54,18 +54,24 @@ def calibrate(
 
     from numclip_cli import calibration
     from numclip_cli.atomic import atomic_write_bytes
-    from numclip_cli.checkpoint import load_model, write_checkpoint
+    from numclip_cli.checkpoint import write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.errors import UsageError
+    from numclip_cli.evaluation import collect
+    from numclip_cli.factory import SHIPPED_CHECKPOINTS, create_model_and_transforms
     from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
+    if out is None and str(checkpoint) in SHIPPED_CHECKPOINTS:
+        raise UsageError(f"{checkpoint} is a shipped checkpoint: write the calibrated copy with --out FILE")
     # outputs are checked and locked before any work, until the command ends
     ctx.with_resource(claim_outputs(
         ("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
-    model, backbone, ckpt = load_model(checkpoint, dev)
+    loaded = create_model_and_transforms(dev, checkpoint=checkpoint)
+    model, ckpt = loaded.model, loaded.checkpoint
     samples = load_samples(data, ckpt.task)
     if ckpt.calibration:
         reporter.info("the checkpoint is already calibrated: refitting from its uncalibrated outputs")
@@ -73,12 +79,11 @@ def calibrate(
     from numclip_cli.faces import ONE_VIEW_MODES, face_transform, resolve_mode
 
     # calibrate on the same kind of crop the checkpoint was trained and predicts on
-    face_mode, face_warning = resolve_mode(None, ckpt.task.faces, ONE_VIEW_MODES)
+    face_mode, face_warning = resolve_mode(None, loaded.preprocess.faces, ONE_VIEW_MODES)
     if face_warning:
         reporter.warn(face_warning)
-    margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
-    transform = face_transform(face_mode, margin, backbone.preprocess)
-    held = calibration.collect(Predictor(model, dev), samples, transform, batch_size, workers)
+    transform = face_transform(face_mode, loaded.preprocess.face_margin, loaded.transform)
+    held = collect(Predictor(model, dev), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))
     for message in result.warnings:
@@ -89,7 +94,9 @@ def calibrate(
               "conformal": calibration.conformal_summary(held, result.rule(), ckpt.task), "unit": ckpt.task.unit,
               "warnings": result.warnings}
     if plot:
-        calibration.save_reliability_diagram(plot, held, result.temperature, ece_bins,
+        from numclip_cli.plotting import save_reliability_diagram
+
+        save_reliability_diagram(plot, held, result.temperature, ece_bins,
                                  title=f"Reliability diagram: task {ckpt.task.name!r}, {checkpoint.name}")
     if json_out:
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())

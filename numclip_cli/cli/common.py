@@ -19,13 +19,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from numclip_cli.names import task_choices
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 1, 3  # usage errors exit 2: UsageError.exit_code
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 TaskOpt = Annotated[str | None, typer.Option(
-    "--task", help="Built-in task (age, hci, aesthetics) or a task spec file (.toml/.json).")]
+    "--task", help=f"Built-in task ({task_choices()}) or a task spec file (.toml/.json).")]
 CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", help="A numclip .safetensors checkpoint; it carries its task, backbone and calibration.")]
 ModelOpt = Annotated[str | None, typer.Option(
@@ -82,11 +84,6 @@ class Reporter:
         """A normal status line."""
         if not self.quiet:
             self.console.print(f"numclip: {message}", markup=False, soft_wrap=True)
-
-    def debug(self, message: str) -> None:
-        """Only with --verbose."""
-        if self.verbose:
-            self.console.print(f"numclip: {message}", markup=False, style="dim", soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning (shown unless --quiet)."""
@@ -158,7 +155,7 @@ def handle_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from numclip_cli.errors import NumclipError
+        from numclip_cli.errors import NumclipError, one_line
 
         verbose = bool(kwargs.get("verbose"))
         try:
@@ -173,7 +170,7 @@ def handle_errors(command: F) -> F:
         except BrokenPipeError:
             # the reader (head, jq -e ...) stopped reading: not an error of ours
             with contextlib.suppress(OSError):
-                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (keeps interpreter shutdown from failing)
+                sys.stdout = open(os.devnull, "w")  # left open: keeps interpreter shutdown from failing
             raise typer.Exit(EXIT_OK) from None
         except KeyboardInterrupt:
             print("numclip: interrupted", file=sys.stderr)
@@ -184,7 +181,7 @@ def handle_errors(command: F) -> F:
         except Exception as exc:  # a bug or an environment problem: still one line unless --verbose
             if verbose:
                 traceback.print_exc()
-            reason = " ".join(str(exc).split())[:300]
+            reason = one_line(exc, limit=300)
             print(f"numclip: error: unexpected {type(exc).__name__}: {reason} (run with --verbose for details)",
                   file=sys.stderr)
             raise typer.Exit(EXIT_FAILED) from None
@@ -194,7 +191,7 @@ def handle_errors(command: F) -> F:
 
 def announce_device(spec: str, reporter: Reporter) -> Any:
     """Resolve ``--device`` once and say which device is used."""
-    from numclip_cli.backbone import resolve_device
+    from numclip_cli.factory import resolve_device
 
     device = resolve_device(spec)
     reporter.info(f"device {device}")

@@ -110,17 +110,17 @@ def predict(
             pass
         raise typer.Exit(EXIT_OK)
     dev = announce_device(device, reporter)
-    from numclip_cli.session import open_session
+    from numclip_cli.factory import create_model_and_transforms
 
-    session = open_session(dev, checkpoint=str(checkpoint) if checkpoint else None, model=model,
-                           pretrained=pretrained, task=task)
-    face_mode, face_warning = resolve_mode(faces, session.task.faces)
+    session = create_model_and_transforms(dev, checkpoint=checkpoint, model=model, pretrained=pretrained, task=task)
+    face_mode, face_warning = resolve_mode(faces, session.preprocess.faces)
     for message in session.warnings + ([face_warning] if face_warning else []):
         reporter.warn(message)
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
     counts, stopped = _run(session, calibration, all_paths, fmt, output, resume_at, batch_size, workers,
-                           reporter, fast, face_crops(face_mode, _margin(face_margin, session)))
+                           reporter, fast, face_crops(face_mode, session.preprocess.face_margin
+                                                      if face_margin is None else face_margin))
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
         raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
@@ -157,16 +157,6 @@ def _inputs_to_do(args: list[str], recursive: bool, null: bool, shard_at: tuple[
         if not paths:
             reporter.info("nothing to do: every input is already in the output")
     return paths, resume_at
-
-
-def _margin(requested: float | None, session) -> float:
-    """An explicit --face-margin, else the margin the checkpoint was trained with, else the default."""
-    from numclip_cli.faces import DEFAULT_MARGIN
-
-    if requested is not None:
-        return requested
-    trained = session.checkpoint.train.get("config", {}) if session.checkpoint else {}
-    return float(trained.get("face_margin", DEFAULT_MARGIN))
 
 
 def _subfolder_hint(args: list[str], recursive: bool) -> str:
@@ -213,6 +203,7 @@ def _sink(output: Path | None, resume_at: int | None):
 
 def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None):
     """Stream records into their sink (see ``_sink``); an interrupt keeps every complete record and is returned."""
+    from numclip_cli.errors import one_line
     from numclip_cli.predictor import Predictor, worker_died
     from numclip_cli.writers import make_writer
 
@@ -228,7 +219,7 @@ def _run(session, calibration, paths, fmt, output, resume_at, batch_size, worker
         bar = progress.add_task("predict", total=len(paths), status="")
         try:
             # one group per input: a single record, or one per face with --faces all
-            for group in predictor.input_records(paths, session.backbone.preprocess, batch_size, workers, crops):
+            for group in predictor.input_records(paths, session.transform, batch_size, workers, crops):
                 for record in group:
                     writer.write(record)
                 if group[0]["status"] == "ok":
@@ -248,7 +239,7 @@ def _run(session, calibration, paths, fmt, output, resume_at, batch_size, worker
             # a decode worker died: killed on its own (out of memory?), or by the stop signal sent to the group
             if stop.signum is None and not worker_died(exc):
                 raise
-            stopped = RuntimeError(" ".join(str(exc).split()))
+            stopped = RuntimeError(one_line(exc, limit=None))
         stopped = stop.exception() or stopped
         progress.stop()  # erase the bar before a table is printed to the same terminal
         if stopped is not None:  # keep the complete records: the sink is committed below

@@ -24,6 +24,9 @@ from numclip_cli.cli.common import (
     positive,
     prepare,
 )
+from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS, task_choices
+
+TRAINABLE = [name for name in METHOD_NAMES if name not in UNTRAINED_METHODS]
 
 # Default learning rates (prompts, adapter and head; image tower). From random init: what the synthetic method
 # comparison and the shipped demo checkpoint were trained with (chosen on validation data); a pretrained CLIP
@@ -42,8 +45,8 @@ def train(
     task: TaskOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
-    method: Annotated[str, typer.Option("--method", help="numclip (coarse-to-fine), l2rclip, ordinalclip, coop or "
-                                        "linear-probe (zeroshot needs no training).")] = "numclip",
+    method: Annotated[str, typer.Option("--method", help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
+                                        f"{', '.join(UNTRAINED_METHODS)} needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
                                              "when --val is not given (seeded; between 0 and 1).")] = 0.1,
@@ -79,8 +82,9 @@ def train(
         "--faces", help="largest: train on the largest face of each image (the whole image when none is found); "
                         "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
-    face_margin: Annotated[float, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size.")] = 0.4,
+    face_margin: Annotated[float | None, typer.Option(
+        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default 0.4).",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -91,18 +95,17 @@ def train(
     import dataclasses
 
     from numclip_cli.atomic import atomic_write_bytes
-    from numclip_cli.backbone import DEFAULT_MODEL
     from numclip_cli.datasets import few_shot, load_samples, split_validation
-    from numclip_cli.distributed import init_world, launched_by_torchrun
-    from numclip_cli.faces import ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.distributed import init_world
+    from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
+    from numclip_cli.factory import open_backbone, resolve_device
     from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import default_workers
-    from numclip_cli.session import default_pretrained
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
-    world = init_world("cuda" if device.startswith("cuda") or (device == "auto" and _has_cuda()) else "cpu")
+    world = init_world(resolve_device(device).type)
     # outputs are checked, and locked by the rank that writes them, before any work, until the command ends
     ctx.with_resource(claim_outputs(
         ("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out), lock=world.is_main))
@@ -128,24 +131,18 @@ def train(
         reporter.warn(f"only {len(val_set)} validation image(s): their metrics (and the choice of the best epoch) "
                       f"are mostly chance; give --val DATA or a larger --val-split (at least {FEW_VALIDATION})")
     dev = announce_device(device, reporter)
-    if dev.type == "cuda" and launched_by_torchrun():
-        import torch
-
-        dev = torch.device("cuda", world.local_rank)
     if world.distributed:
         reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
-    from numclip_cli.backbone import load_backbone
-
-    name = model or DEFAULT_MODEL
-    tag = pretrained or default_pretrained(name)
-    if tag == "none":
-        reporter.warn(f"--pretrained none: training {name} from random initialisation")
-    default_lr = RANDOM_INIT_LR if tag == "none" else PRETRAINED_LR
+    backbone, notes = open_backbone(model, pretrained, dev, init_seed=seed, for_training=True)
+    for note in notes:
+        reporter.warn(note)
+    default_lr = RANDOM_INIT_LR if backbone.random_init else PRETRAINED_LR
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr or default_lr[0],
                          image_lr=image_lr or default_lr[1], tune_image=tune_image, tune_context=tune_context,
-                         milestones=steps, seed=seed, amp=amp, face_margin=face_margin,
+                         milestones=steps, seed=seed, amp=amp,
+                         face_margin=DEFAULT_MARGIN if face_margin is None else face_margin,
                          workers=default_workers(len(train_set), batch_size, dev.type) if workers is None else workers)
-    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
+    trainer = Trainer(backbone, spec, config, dev, world)
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -195,12 +192,6 @@ def parse_milestones(text: str, epochs: int) -> tuple[int, ...]:
     return steps
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _task_beside(data: Path) -> str:
     """A dataset folder made by ``numclip synth`` carries its task.toml; anything else needs --task."""
     from numclip_cli.errors import DataError, UsageError
@@ -210,7 +201,7 @@ def _task_beside(data: Path) -> str:
     spec = data / "task.toml"
     if data.is_dir() and spec.is_file():
         return str(spec)
-    raise UsageError("give --task (age, hci, aesthetics or a .toml/.json spec)")
+    raise UsageError(f"give --task ({task_choices()} or a .toml/.json spec)")
 
 
 def _print_table(summary: dict) -> None:

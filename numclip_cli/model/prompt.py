@@ -65,11 +65,6 @@ class PromptEncoder(nn.Module):
         self.context = nn.Parameter(base[0, 1 : 1 + len(ctx_ids)].clone())
         self.words = nn.Parameter(base[self.word_rows, self.word_cols].clone())
 
-    @property
-    def num_prompts(self) -> int:
-        """How many prompts (bins or ranks) this encoder produces."""
-        return int(self.ids.shape[0])
-
     def embeddings(self, clip: nn.Module, words: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (P×L×d) with the learnable context and words written in place."""
         # the frozen embeddings are looked up on every call (cheap) rather than cached, so they always match

@@ -1,21 +1,88 @@
-"""A deterministic corpus of awkward image files (and non-images) for decoding tests.
+"""Helpers shared by the test modules (test modules never import each other): CLI arguments and record checks, and
+a deterministic corpus of awkward image files.
 
-``make_corpus(dir)`` writes every file and returns name -> path; ``EXPECTED`` says whether each name must
-decode (``"ok"``) or raise ``ImageLoadError`` (``"error"``), and ``OK_SIZES`` gives the upright
-(width, height) of each ok file after decoding. Importable by any test as
-``from image_corpus import make_corpus`` (pytest puts ``tests/`` on ``sys.path``: it has no ``__init__.py``).
+Importable by any test as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``: it has no
+``__init__.py``). Fixtures live in ``conftest.py``.
+
+Image corpus: ``make_corpus(dir)`` writes every file and returns name -> path; ``EXPECTED`` says whether each name
+must decode (``"ok"``) or raise ``ImageLoadError`` (``"error"``), and ``OK_SIZES`` gives the upright
+(width, height) of each ok file after decoding.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from numclip_cli.tasks import get_task
+
+# ------------------------------------------------------------------------------------------ CLI runs
+TINY = "numclip-tiny"
+# the tiny random-init model on the CPU: tests compare numbers with CPU-computed ones, also on a CUDA host
+MODEL = ["--model", TINY, "--pretrained", "none", "--task", "age", "--device", "cpu"]
+AGE_BINS = get_task("age").bin_names
+RECORD_FIELDS = {"path", "status", "task", "value", "bin", "bin_index", "probs", "expected_bin"}
+SUBPROCESS_TIMEOUT = 120
+
+
+def write_distinct_pngs(folder: Path, count: int, blue: int = 90) -> list[str]:
+    """``count`` tiny distinct PNGs in ``folder``; their paths in the order ``predict FOLDER`` visits them."""
+    for i in range(count):
+        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, blue)).save(folder / f"{i:03d}.png")
+    return [str(folder / f"{i:03d}.png") for i in range(count)]
+
+
+def jsonl(text: str) -> list[dict[str, Any]]:
+    """Parse JSON lines; every non-empty line must be one JSON object."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_ok_record(record: dict[str, Any], path: str | None = None) -> None:
+    """A complete ``status: ok`` record of the age task, self-consistent."""
+    assert set(record) >= RECORD_FIELDS, record
+    if path is not None:
+        assert record["path"] == path
+    assert record["status"] == "ok" and record["task"] == "age"
+    assert list(record["probs"]) == AGE_BINS
+    assert math.isclose(sum(record["probs"].values()), 1.0, abs_tol=1e-4)
+    assert all(0 <= p <= 1 for p in record["probs"].values())
+    assert 0 <= record["bin_index"] < len(AGE_BINS) and record["bin"] == AGE_BINS[record["bin_index"]]
+    assert record["probs"][record["bin"]] == max(record["probs"].values())
+    assert 0 <= record["value"] <= 100 and isinstance(record["value"], float)
+    assert 0 <= record["expected_bin"] <= len(AGE_BINS) - 1
+
+
+def assert_same_predictions(got: list[dict[str, Any]], want: list[dict[str, Any]], tol: float = 1e-3) -> None:
+    """Same paths and statuses in the same order, and the same numbers within ``tol``."""
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["status"] == b["status"]
+        if a["status"] == "ok":
+            assert math.isclose(a["value"], b["value"], abs_tol=tol), (a, b)
+            assert math.isclose(a["expected_bin"], b["expected_bin"], abs_tol=tol)
+            for name in AGE_BINS:
+                assert math.isclose(a["probs"][name], b["probs"][name], abs_tol=tol)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``numclip: error:`` line of a failed run (no traceback, no "unexpected" exception)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("numclip: error:")]
+    assert len(errors) == 1, stderr
+    assert not errors[0].startswith("numclip: error: unexpected"), errors[0]  # a bug's catch-all message
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ image corpus
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)

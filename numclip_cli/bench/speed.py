@@ -1,4 +1,4 @@
-"""``numclip bench`` core: predict's speed against the raw open_clip backbone, measured in one process and one run.
+"""The speed suite: predict's speed against the raw open_clip backbone, measured in one process and one run.
 
 The speed suite has the shape of nanoGPT's ``bench.py`` (a warm-up call, ``torch.cuda.synchronize()`` on GPU, the
 median of repeats), and the repeats of the runs it compares are interleaved so that a change in the machine's load
@@ -10,49 +10,41 @@ hits them alike. On the same generated images, backbone, device and batch size i
 (d) decoding alone; (e) cold start and ``numclip --help`` as subprocesses; (f) peak memory; (g) predict with
 ``--faces largest`` and face detection alone, when ``numclip[face]`` is installed; and optionally
 ``--fast`` (with its agreement with fp32) and the RSS growth of a long streamed run.
-The accuracy suite is ``numclip_cli.comparison``; this module only builds the report around it.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from numclip_cli import __version__
 from numclip_cli.backbone import DEFAULT_MODEL, NO_WEIGHTS
+from numclip_cli.bench.report import Figure, SpeedResult
+from numclip_cli.bench.system import current_rss_mb, peak_rss_mb, run_process
 from numclip_cli.errors import NumclipError
+from numclip_cli.factory import LoadedModel, create_model_and_transforms
 from numclip_cli.images import load_rgb
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.predictor import Predictor, image_autocast
-from numclip_cli.session import Session, open_session
 from numclip_cli.synthetic import get_generator, render
 from numclip_cli.tasks import TaskSpec, get_task, task_from_dict
 from numclip_cli.writers import make_writer
 
-SCHEMA = "numclip-bench/1"
 BENCH_TASK = "age"  # K = 5 bins; its integer ranks 0–100 are the M = 101 rank prompts
 DEFAULT_RANKS = 101
 IMAGE_KIND = "dots"
 QUICK = {"images": 16, "latency_images": 2, "repeats": 1, "cold_repeats": 1}
 _HELP_REPEATS = 3
-# units of the accuracy rows of numclip_cli.comparison (metrics.py: accuracies are fractions)
-ACCURACY_UNITS = {"mae": "task unit", "mae_max": "task unit", "accuracy": "fraction", "one_off": "fraction",
-                  "qwk": "kappa", "seconds": "s"}
 
 Progress = Callable[[str], None]
 Timed = tuple[Callable[[Sequence[str]], Any], Sequence[str], Sequence[str] | None]  # run, its paths, warm-up paths
@@ -65,7 +57,6 @@ class SpeedConfig:
     model: str = DEFAULT_MODEL  # open_clip architecture (ignored with ``checkpoint``)
     pretrained: str = NO_WEIGHTS  # weights do not change speed; ``none`` needs no download
     checkpoint: str | None = None  # bench a trained model instead (its task gives K)
-    device: str = "auto"
     batch_size: int = 32
     images: int = 64  # images per throughput measurement
     latency_images: int = 8  # images per batch-1 measurement (a quarter of them for the M-rank reference)
@@ -80,25 +71,6 @@ class SpeedConfig:
         """Defaults for a full or a ``--quick`` run; every option given (not None) wins."""
         base = cls(**QUICK) if quick else cls()
         return replace(base, **{key: value for key, value in given.items() if value is not None})
-
-
-@dataclass
-class Figure:
-    """One measured number with its unit, how it was measured, and the project's target when there is one."""
-
-    key: str
-    label: str
-    value: float
-    unit: str
-    batch_size: int | None = None
-    images: int | None = None
-    target: str | None = None  # e.g. ">= 0.9"
-    met: bool | None = None  # whether ``value`` meets ``target``
-
-
-def _meets(value: float, target: str) -> bool:
-    op, threshold = target.split()
-    return value >= float(threshold) if op == ">=" else value < float(threshold)
 
 
 class ReferencePredictor(Predictor):
@@ -132,80 +104,14 @@ def write_images(folder: Path, count: int, side: int) -> list[str]:
     return paths
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
-
-
-def current_rss_mb() -> float:
-    """Resident memory of this process now (Linux ``/proc``), else its peak so far, in MB."""
-    rss = _proc_status_mb("self", "VmRSS")
-    return peak_rss_mb() if rss is None else rss
-
-
-def _proc_status_mb(pid: int | str, field: str) -> float | None:
-    """A memory field of ``/proc/PID/status`` (VmRSS, VmHWM) in MB; None without one (not Linux, process gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Where the figures were measured: device, CPU count, threads and versions."""
-    import open_clip
-
-    return {"device": str(device), "device_name": _device_name(device), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "open_clip": open_clip.__version__, "numclip": __version__,
-            "platform": platform.platform()}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@dataclass
-class SpeedResult:
-    """What the speed suite measured: the model it ran and every figure."""
-
-    model: dict[str, Any]  # backbone, weights, input size, method, task and its number of bins
-    figures: list[Figure]
-
-
-def build_report(device: torch.device, config: dict[str, Any], speed: SpeedResult | None = None,
-                 accuracy: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The ``--json`` report: schema, date, environment, options, every figure with its unit, accuracy rows."""
-    return {"schema": SCHEMA, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "environment": environment(device), "config": config, "model": speed.model if speed else None,
-            "figures": [asdict(f) for f in speed.figures] if speed else [],
-            "accuracy": accuracy, "accuracy_units": ACCURACY_UNITS if accuracy else None}
-
-
 def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Progress | None = None) -> SpeedResult:
     """Every speed figure, measured in this process on freshly generated images."""
     say = on_progress or (lambda message: None)
     if config.checkpoint:
-        session = open_session(device, checkpoint=config.checkpoint)
+        session = create_model_and_transforms(device, checkpoint=config.checkpoint)
     else:
-        session = open_session(device, model=config.model, pretrained=config.pretrained, task=BENCH_TASK,
-                               method="numclip")
+        session = create_model_and_transforms(device, model=config.model, pretrained=config.pretrained,
+                                              task=BENCH_TASK, method="numclip")
     with tempfile.TemporaryDirectory(prefix="numclip-bench-") as folder:
         side = session.backbone.image_size * 5 // 4  # larger than the input, so preprocess really resizes
         say(f"writing {config.images} {side}-px JPEG images")
@@ -219,25 +125,25 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
         run.cold_start(paths[0])
         run.memory()
     backbone = session.backbone
-    return SpeedResult({"backbone": backbone.name, "pretrained": backbone.pretrained, "image_size": backbone.image_size,
-                        "method": session.model.method, "task": session.task.name, "bins": len(session.task.bins)},
-                       run.figures)
+    trained = bool(config.checkpoint) or not backbone.random_init
+    return SpeedResult({"backbone": backbone.name, "pretrained": backbone.pretrained, "trained": trained,
+                        "image_size": backbone.image_size, "method": session.model.method, "task": session.task.name,
+                        "bins": len(session.task.bins)}, run.figures)
 
 
 class _SpeedRun:
     """The measurements of one speed-suite run, in order, sharing one model and one set of images."""
 
-    def __init__(self, config: SpeedConfig, device: torch.device, session: Session, say: Progress) -> None:
+    def __init__(self, config: SpeedConfig, device: torch.device, session: LoadedModel, say: Progress) -> None:
         self.config, self.device, self.session, self.say = config, device, session, say
-        self.preprocess = session.backbone.preprocess
+        self.preprocess = session.transform
         self.figures: list[Figure] = []
         self.raw_rate = 0.0  # (a), the reference of every speed ratio
 
     def add(self, key: str, label: str, value: float, unit: str, batch_size: int | None = None,
-            images: int | None = None, target: str | None = None) -> float:
-        """Record one figure and return its value."""
-        met = None if target is None else _meets(value, target)
-        self.figures.append(Figure(key, label, round(value, 4), unit, batch_size, images, target, met))
+            images: int | None = None) -> float:
+        """Record one figure and return its value (``report.judge`` adds the targets that apply)."""
+        self.figures.append(Figure(key, label, round(value, 4), unit, batch_size, images))
         return value
 
     def timed(self, run: Callable[[Sequence[str]], Any], paths: Sequence[str],
@@ -288,15 +194,13 @@ class _SpeedRun:
         self.raw_rate = self.add("raw_open_clip", "(a) raw open_clip: PIL + preprocess + encode_image",
                                  n / times["raw"][0], "images/s", batch, n)
         rate = self.add("predict", "(b) numclip predict, end to end", n / times["predict"][0], "images/s", batch, n)
-        self.add("ratio_predict_raw", "(b)/(a) predict vs raw open_clip", rate / self.raw_rate, "x", batch, n,
-                 ">= 0.9")
+        self.add("ratio_predict_raw", "(b)/(a) predict vs raw open_clip", rate / self.raw_rate, "x", batch, n)
         if fast:
             rate = self.add("predict_fast", "predict --fast (int8 dynamic quantisation)", n / times["fast"][0],
                             "images/s", batch, n)
-            self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n, ">= 1.3")
+            self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n)
             agree = sum(a == b for a, b in zip(times["fast"][1], times["predict"][1], strict=True)) / n
-            self.add("fast_agreement", "--fast same-bin agreement with fp32 predict", 100 * agree, "%", batch, n,
-                     ">= 99")
+            self.add("fast_agreement", "--fast same-bin agreement with fp32 predict", 100 * agree, "%", batch, n)
 
     def _decode(self, paths: Sequence[str]) -> None:
         for path in paths:
@@ -312,12 +216,11 @@ class _SpeedRun:
 
     def batch_one(self, paths: Sequence[str]) -> None:
         """(c) cached vs recomputed text features at batch 1: K bin prompts, then M rank prompts (OrdinalCLIP)."""
-        self.cached_vs_recomputed("k", self.session.model, "bin", paths, ">= 1.7")
+        self.cached_vs_recomputed("k", self.session.model, "bin", paths)
         ranks_model = create_model("ordinalclip", self.session.backbone, rank_task(self.config.ranks)).eval()
-        self.cached_vs_recomputed("m", ranks_model, "rank", paths[: max(1, len(paths) // 4)], ">= 15")
+        self.cached_vs_recomputed("m", ranks_model, "rank", paths[: max(1, len(paths) // 4)])
 
-    def cached_vs_recomputed(self, key: str, model: OrdinalModel, kind: str, paths: Sequence[str],
-                             target: str) -> None:
+    def cached_vs_recomputed(self, key: str, model: OrdinalModel, kind: str, paths: Sequence[str]) -> None:
         """The text tower alone, then predict at batch 1 with cached and with per-batch text features."""
         with torch.inference_mode():
             what = f"{model.text_features().shape[0]} {kind} prompts"  # also the warm-up of the text tower
@@ -333,8 +236,7 @@ class _SpeedRun:
                  1, n)
         self.add(f"reference_b1_{key}", f"(c) reference: text features recomputed per batch, {what}",
                  1000 * fresh / n, "ms/image", 1, n)
-        self.add(f"ratio_reference_{key}", f"(b)/(c) speed-up over the reference, {what}", fresh / cached, "x", 1, n,
-                 target)
+        self.add(f"ratio_reference_{key}", f"(b)/(c) speed-up over the reference, {what}", fresh / cached, "x", 1, n)
 
     @staticmethod
     @torch.inference_mode()
@@ -387,7 +289,7 @@ class _SpeedRun:
         settled = samples[len(samples) // 20 :] or [current_rss_mb()]
         self.add("stream_rate", "streamed predict", count / seconds, "images/s", batch, count)
         self.add("stream_rss_growth", "RSS growth while streaming (after the first 5 %)", max(settled) - settled[0],
-                 "MB", batch, count, "< 100")
+                 "MB", batch, count)
 
     def cold_start(self, image: str) -> None:
         """(e) ``numclip predict`` on one image and ``numclip --help``, each a fresh process."""
@@ -399,15 +301,15 @@ class _SpeedRun:
         predict = [*command, "predict", image, "--format", "jsonl", "--batch-size", "1", "--device",
                    str(self.device), "--quiet", "--offline", *model_args]
         self.say(f"cold start: numclip predict one image (x{self.config.cold_repeats})")
-        runs = [_run_process(predict) for _ in range(self.config.cold_repeats)]
+        runs = [run_process(predict) for _ in range(self.config.cold_repeats)]
         self.add("cold_start", "cold start: process start to first predict result", statistics.median(
             first for first, _, _ in runs), "s", 1, 1)
         peak = max(rss for _, _, rss in runs)
         if peak:
             self.add("cold_start_peak_rss", "peak RSS of that predict process", peak, "MB", 1, 1)
         self.say("numclip --help")
-        help_seconds = statistics.median(_run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
-        self.add("help", "numclip --help, start to exit", help_seconds, "s", None, None, "< 0.5")
+        help_seconds = statistics.median(run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
+        self.add("help", "numclip --help, start to exit", help_seconds, "s")
 
     def memory(self) -> None:
         """(f) peak RSS of this bench process and, on CUDA, peak CUDA memory."""
@@ -426,32 +328,3 @@ def _numclip_command() -> list[str]:
     """The installed ``numclip`` script next to this interpreter, else ``python -m numclip_cli``."""
     script = Path(sys.executable).with_name("numclip")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "numclip_cli"]
-
-
-def _run_process(command: list[str]) -> tuple[float, float, float]:
-    """Seconds from starting ``command`` to its first stdout line and to its exit; its peak RSS in MB (0: unknown)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
-    # The peak is read from /proc while the process lives: the rusage from wait4 would count the RSS of this
-    # (large) process, which it was forked from, as its own.
-    peak, done = [0.0], threading.Event()
-    watcher = threading.Thread(target=_watch_peak_rss, args=(process.pid, peak, done), daemon=True)
-    watcher.start()
-    first = process.stdout.readline()
-    first_seconds = time.perf_counter() - start
-    process.stdout.read()
-    done.set()
-    watcher.join()
-    process.stdout.close()
-    if process.wait() != 0 or not first:
-        raise NumclipError(f"cold-start run failed (exit {process.returncode}): {' '.join(command)}")
-    return first_seconds, time.perf_counter() - start, peak[0]
-
-
-def _watch_peak_rss(pid: int, peak: list[float], done: threading.Event) -> None:
-    """Keep ``peak[0]`` at the process's high-water RSS until ``done`` is set."""
-    while True:
-        peak[0] = max(peak[0], _proc_status_mb(pid, "VmHWM") or 0.0)
-        if done.wait(0.02):
-            return

@@ -1,4 +1,4 @@
-"""Mean ± spread over seeds, and the few-shot curve, from the accuracy suite's per-run rows.
+"""Mean ± spread over seeds, and the few-shot curve, from the accuracy suite's per-run rows (``bench.accuracy``).
 
 One training run of a method on a random-init backbone is noisy (test MAE moved by ±0.2 between seeds of the
 same recipe), so the accuracy suite runs each (kind, method[, shots]) with several seeds and this module folds

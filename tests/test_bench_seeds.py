@@ -1,20 +1,22 @@
-"""The multi-seed and few-shot path of the accuracy suite (a tiny smoke run; the real one is a benchmark)."""
+"""The accuracy suite over several seeds and its few-shot curve (a tiny smoke run; the real one is a benchmark)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
-from numclip_cli import seed_stats
-from numclip_cli.comparison import run_accuracy_suite
+from numclip_cli.bench import seeds as seed_stats
+from numclip_cli.bench.accuracy import AccuracyConfig, run_accuracy_suite
 from numclip_cli.errors import UsageError
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return run_accuracy_suite(["dots"], ["zeroshot", "linear-probe"], n_train=30, n_test=10, epochs=1,
-                              seeds=[0, 1], device="cpu", shots=[1])
+    config = AccuracyConfig.create(kinds=["dots"], methods=["zeroshot", "linear-probe"], n_train=30, n_test=10,
+                                   epochs=1, seeds=[0, 1], shots=[1])
+    return run_accuracy_suite(config, torch.device("cpu"))
 
 
 def test_every_seed_and_shot_count_gets_its_own_run(rows: list[dict]) -> None:
@@ -49,6 +51,12 @@ def test_tables_show_mean_and_spread_and_the_few_shot_curve(rows: list[dict]) ->
     assert [line.split(" | ")[1] for line in curve[2:]] == ["zeroshot", "linear-probe"]
 
 
-def test_few_shot_counts_below_one_fail_before_any_work() -> None:
-    with pytest.raises(UsageError, match="--shots"):
-        run_accuracy_suite(["dots"], ["zeroshot"], 10, 10, 1, [0], "cpu", shots=[0])
+@pytest.mark.parametrize(("option", "value"), [("shots", [0]), ("seeds", [])])
+def test_bad_seeds_or_shots_fail_before_any_work(option: str, value: list[int]) -> None:
+    with pytest.raises(UsageError, match=f"--{option}"):
+        AccuracyConfig.create(kinds=["dots"], methods=["zeroshot"], **{option: value})
+
+
+def test_cli_takes_seeds_and_shots_as_lists(run_cli) -> None:
+    result = run_cli(["bench", "--suite", "accuracy", "--shots", "1,x", "--device", "cpu"])
+    assert result.exit_code == 2 and "--shots '1,x'" in result.stderr

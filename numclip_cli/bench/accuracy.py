@@ -60,8 +60,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "linear-probe": {"lr": 1e-2, "epoch_scale": 5},
 }
 # Batch 16, not 64: on 300 training images × 6 epochs batch 64 is 24 optimiser steps, and no method learned
-# anything from random init (dots, seed 0: test MAE 2.54 for numclip and 2.19 for ordinalclip on photo, the
-# median 2.60); batch 16 (102 steps, the same compute) gave 1.08 and 0.89. A random-init backbone is limited
+# anything from random init (seed 0: test MAE 2.54 for numclip on dots and 2.19 for ordinalclip on photo, the
+# median 2.60); batch 16 (102 steps, the same compute) gave 1.08 and 1.83. A random-init backbone is limited
 # by optimiser steps here, not by gradient noise.
 BATCH_SIZE = 16
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from numclip_cli import calibration as cal
-from numclip_cli import metrics, plotting
+from numclip_cli import conformal, metrics, plotting
 from numclip_cli.checkpoint import read_checkpoint, write_checkpoint
 from numclip_cli.errors import CheckpointError, DataError, UsageError
 from numclip_cli.synthetic import task_spec, write_dataset
@@ -68,8 +68,8 @@ def test_temperature_undoes_a_known_overconfidence(splits) -> None:
     assert after["brier"] < before["brier"] and after["rps"] < before["rps"]
     assert after["accuracy"] == before["accuracy"] and after["mae"] == before["mae"]  # T changes neither
     # and on data it never saw
-    unseen_before = cal.calibration_metrics(test, 1.0)
-    unseen_after = cal.calibration_metrics(test, result.temperature)
+    unseen_before = cal.calibration_metrics(test, TASK, 1.0)
+    unseen_after = cal.calibration_metrics(test, TASK, result.temperature)
     assert unseen_after["ece"] < 0.5 * unseen_before["ece"] and unseen_after["ece"] < 0.05
     assert unseen_after["nll"] < unseen_before["nll"]
 
@@ -81,7 +81,7 @@ def test_fit_temperature_finds_the_nll_minimum() -> None:
     assert nll[1] < nll[0] and nll[1] < nll[2]
 
 
-def covered(held: cal.HeldOut, rule: cal.ConformalRule) -> tuple[float, float]:
+def covered(held: cal.HeldOut, rule: conformal.ConformalRule) -> tuple[float, float]:
     """Empirical coverage of the intervals and of the bin sets on ``held``."""
     summary = cal.conformal_summary(held, rule, TASK)
     return summary["interval_coverage"], summary["set_coverage"]
@@ -95,7 +95,7 @@ def test_conformal_coverage_holds_on_an_untouched_split(splits, coverage: float)
     interval, bin_set = covered(test, rule)
     assert coverage - 0.05 <= interval <= coverage + 0.05
     assert coverage - 0.05 <= bin_set <= coverage + 0.05
-    assert rule.interval_quantile == cal.conformal_quantile(result.interval_scores, coverage)
+    assert rule.interval_quantiles == (conformal.conformal_quantile(result.interval_scores, coverage),)
 
 
 def test_bin_sets_are_contiguous_hold_the_top_bin_and_grow_with_coverage(splits) -> None:
@@ -111,7 +111,7 @@ def test_bin_sets_are_contiguous_hold_the_top_bin_and_grow_with_coverage(splits)
         # contiguous sets hold at least the mass the threshold asks for, or every bin
         inside = torch.arange(5)[None, :]
         mass = (probs * ((low[:, None] <= inside) & (inside <= high[:, None]))).sum(dim=1)
-        assert bool((mass >= result.rule(coverage).set_threshold - 1e-9).all())
+        assert bool((mass >= result.rule(coverage).set_thresholds[0] - 1e-9).all())
     assert sizes[0] < sizes[1] < sizes[2]
 
 
@@ -119,40 +119,36 @@ def test_a_bin_is_in_the_set_exactly_when_its_score_is_below_the_threshold() -> 
     g = torch.Generator().manual_seed(3)
     probs = torch.distributions.Dirichlet(torch.full((7,), 0.7)).sample((300,))
     labels = torch.randint(0, 7, (300,), generator=g)
-    scores = cal.set_scores(probs, labels)
+    scores = conformal.set_scores(probs, labels)
     for threshold in (0.0, 0.3, 0.6, 0.9, 0.99):
-        low, high = cal.contiguous_sets(probs, threshold)
+        low, high = conformal.contiguous_sets(probs, threshold)
         inside = (low <= labels) & (labels <= high)
         assert torch.equal(inside, scores <= threshold)
 
 
 def test_finite_sample_quantile() -> None:
     scores = [float(i) for i in range(1, 101)]  # n = 100
-    assert cal.conformal_quantile(scores, 0.9) == 91.0  # k = ⌈101 · 0.9⌉ = 91
-    assert cal.conformal_quantile(scores[:19], 0.95) == 19.0  # k = ⌈20 · 0.95⌉ = 19, not 20 by rounding
+    assert conformal.conformal_quantile(scores, 0.9) == 91.0  # k = ⌈101 · 0.9⌉ = 91
+    assert conformal.conformal_quantile(scores[:19], 0.95) == 19.0  # k = ⌈20 · 0.95⌉ = 19, not 20 by rounding
     with pytest.raises(UsageError, match="needs at least 99 calibration samples, there are 50"):
-        cal.conformal_quantile(scores[:50], 0.99)
-    for bad in (0.0, 1.0, 1.5):
+        conformal.conformal_quantile(scores[:50], 0.99)
+    for bad in (0.0, 1.0, 1.5, math.nan):
         with pytest.raises(UsageError, match="between 0 and 1"):
-            cal.conformal_quantile(scores, bad)
-
-
-def subset(held: cal.HeldOut, keep: torch.Tensor) -> cal.HeldOut:
-    return cal.HeldOut(held.bin_logits[keep], held.values[keep], held.targets[keep], held.bins[keep], held.source)
+            conformal.conformal_quantile(scores, bad)
 
 
 def test_too_little_data_is_an_error_and_a_missing_bin_a_warning(splits) -> None:
     calib, _ = splits
     with pytest.raises(DataError, match="19 usable calibration image.*at least 20"):
-        cal.calibrate(subset(calib, torch.arange(19)), TASK)
-    no_top_bin = subset(calib, calib.bins < 4)
+        cal.calibrate(calib.subset(torch.arange(19)), TASK)
+    no_top_bin = calib.subset(calib.bins < 4)
     result = cal.calibrate(no_top_bin, TASK)
     assert any("no calibration sample in bin(s) ['nine or ten']" in w for w in result.warnings)
     assert not cal.calibrate(calib, TASK).warnings
     same_as_training = cal.calibrate(calib, TASK, train_data=calib.source).warnings
     assert any("is the checkpoint's training data" in w for w in same_as_training)
     with pytest.raises(UsageError, match="coverage 0.99 needs at least 99"):
-        cal.calibrate(subset(calib, torch.arange(60)), TASK, coverage=0.99)
+        cal.calibrate(calib.subset(torch.arange(60)), TASK, coverage=0.99)
 
 
 def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path: Path, tiny_backbone) -> None:
@@ -163,8 +159,12 @@ def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path:
     write_checkpoint(path, Checkpoint(tensors={"x": torch.zeros(1)}, task=TASK, method="numclip",
                                       backbone=tiny_backbone.describe(), calibration=result.to_metadata()))
     stored = read_checkpoint(path).calibration
-    assert stored["quantiles"] == {"interval": result.rule().interval_quantile, "set": result.rule().set_threshold}
-    assert stored["scores"]["interval"] == sorted(stored["scores"]["interval"]) and stored["n"] == 1000
+    rule = result.rule()
+    assert stored["quantiles"] == {"interval": rule.interval_quantiles[0], "set": rule.set_thresholds[0]}
+    assert stored["scores"]["interval"] == sorted(stored["scores"]["interval"]) and stored["n"] == 750
+    assert stored["version"] == 1 and stored["conformal"] == "global"  # readable by numclip before per-bin
+    assert stored["holdout"] == {"fraction": 0.25, "seed": 0, "n_fit": 750, "n_check": 250}
+    assert stored["achieved"] == result.achieved and stored["achieved"]["n"] == 250
     again = cal.Calibration.from_metadata(stored)
     assert again.rule(0.8) == result.rule(0.8) and again.temperature == result.temperature
     assert cal.prediction_settings(stored, None) == (result.temperature, None)
@@ -173,6 +173,147 @@ def test_calibration_metadata_round_trips_through_a_checkpoint(splits, tmp_path:
         cal.Calibration.from_metadata(damaged)
     with pytest.raises(UsageError, match="numclip calibrate"):
         cal.prediction_settings(None, 0.9)
+
+
+# ------------------------------------------------------------------------ the held-out check and per-bin
+def test_held_out_split_is_seeded_stratified_and_disjoint(splits) -> None:
+    calib, _ = splits
+    fit, check = cal.split_held(calib, 0.25, seed=3)
+    assert len(fit) + len(check) == len(calib) and len(check) == 250
+    per_bin = torch.bincount(calib.bins, minlength=5)
+    assert torch.equal(torch.bincount(check.bins, minlength=5), (per_bin.double() * 0.25).round().long())
+    rows = {tuple(row) for row in torch.stack([calib.values, calib.targets], 1).tolist()}
+    fit_rows = {tuple(row) for row in torch.stack([fit.values, fit.targets], 1).tolist()}
+    check_rows = {tuple(row) for row in torch.stack([check.values, check.targets], 1).tolist()}
+    assert fit_rows | check_rows == rows and not fit_rows & check_rows
+    assert torch.equal(cal.split_held(calib, 0.25, seed=3)[1].values, check.values)  # seeded
+    assert not torch.equal(cal.split_held(calib, 0.25, seed=4)[1].values, check.values)
+
+
+def test_calibrate_measures_what_it_achieves_on_data_it_did_not_fit(splits) -> None:
+    calib, _ = splits
+    result = cal.calibrate(calib, TASK, seed=7)
+    fit, check = cal.split_held(calib, cal.DEFAULT_HOLDOUT, seed=7)
+    assert result.n == len(fit) == 750 and result.holdout == {"fraction": 0.25, "seed": 7, "n_fit": 750,
+                                                               "n_check": 250}
+    assert result.temperature == cal.fit_temperature(fit.bin_logits, fit.bins)  # fitted on the fit part only
+    assert result.achieved == cal.conformal_summary(check, result.rule(), TASK)  # measured on the other part
+    assert abs(result.achieved["interval_coverage"] - 0.9) < 3 * result.achieved["standard_error"]
+    assert abs(result.achieved["set_coverage"] - 0.9) < 3 * result.achieved["standard_error"]
+    assert [row["n"] for row in result.achieved["per_bin"]] == torch.bincount(check.bins, minlength=5).tolist()
+    assert result.metrics["after"] == cal.calibration_metrics(check, TASK, result.temperature)
+    everything = cal.calibrate(calib, TASK, holdout=0)
+    assert everything.n == 1000 and everything.achieved is None and not everything.warnings
+
+
+def test_calibrate_reports_the_paper_metrics_before_and_after(splits) -> None:
+    calib, _ = splits
+    before, after = (cal.calibrate(calib, TASK).metrics[key] for key in ("before", "after"))
+    for key in ("mae", "mae_levels", "mae_levels_max", "accuracy", "rank_accuracy", "one_off", "qwk", "rps", "cs@1",
+                "ece", "nll", "brier"):
+        assert key in before and key in after
+    for key in ("mae", "mae_levels_max", "accuracy", "rank_accuracy", "one_off", "qwk", "cs@1"):
+        assert before[key] == after[key]  # argmax and fine value: a temperature cannot move them
+    assert after["rps"] < before["rps"] and after["mae_levels"] != before["mae_levels"]
+
+
+def test_a_small_held_out_part_is_flagged_and_a_tiny_one_not_used(splits) -> None:
+    calib, _ = splits
+    small = cal.calibrate(calib.subset(torch.arange(200)), TASK)  # a quarter of each bin, rounded: 51
+    assert small.achieved is not None and small.achieved["n"] == small.holdout["n_check"] == 51
+    assert any("measured on only 51 held-out images (± 0.08" in w for w in small.warnings)
+    tiny = cal.calibrate(calib.subset(torch.arange(60)), TASK)  # 15 would be held out: too few to say anything
+    assert tiny.achieved is None and tiny.n == 60
+    assert any("too few to hold out 25%" in w and "not measured" in w for w in tiny.warnings)
+    with pytest.raises(UsageError, match="--holdout"):
+        cal.calibrate(calib, TASK, holdout=1.0)
+
+
+def regressed_held(n: int, seed: int) -> cal.HeldOut:
+    """A model that pulls its rarest, top bin towards the middle (regression to the mean), sure of itself.
+
+    Labels 1..10, 9 and 10 drawn 0.4 times as often as the others; ŷ = y + N(0, 0.6²), minus 2 for the top bin;
+    bin probabilities of a model that believes ŷ ± 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.tensor([1.0] * 8 + [0.4] * 2, dtype=torch.float64)
+    labels = (torch.multinomial(weights, n, replacement=True, generator=g) + 1).double()
+    mu = labels - torch.where(labels >= 9, 2.0, 0.0) + 0.6 * torch.randn(n, generator=g, dtype=torch.float64)
+    mu = mu.clamp(1, 10)
+    edges = torch.arange(1.5, 10.0, 1.0, dtype=torch.float64)
+    cdf = torch.special.ndtr(edges[None, :] - mu[:, None])
+    cdf = torch.cat([torch.zeros(n, 1, dtype=torch.float64), cdf, torch.ones(n, 1, dtype=torch.float64)], 1)
+    p_bin = cdf.diff(dim=1).reshape(n, 5, 2).sum(dim=2)
+    bins = torch.tensor([TASK.bin_index(v) for v in labels.tolist()])
+    return cal.HeldOut(p_bin.clamp_min(1e-12).log(), mu, labels, bins, f"regressed seed {seed}")
+
+
+def test_per_bin_conformal_covers_every_bin_where_global_misses_the_hard_one() -> None:
+    calib, test = regressed_held(1000, seed=1), regressed_held(2000, seed=2)
+    coverage = {}
+    for mode in ("global", "per-bin"):
+        result = cal.calibrate(calib, TASK, conformal=mode)
+        summary = cal.conformal_summary(test, result.rule(), TASK)
+        assert abs(summary["interval_coverage"] - 0.9) < 0.06  # both hold on average
+        coverage[mode] = [(row["interval_coverage"], row["set_coverage"]) for row in summary["per_bin"]]
+    # global: the regressed top bin is covered in under half of its images; per-bin: every bin near 0.9
+    assert coverage["global"][4][0] < 0.5 and coverage["global"][4][1] < 0.5
+    assert all(interval >= 0.85 and bin_set >= 0.85 for interval, bin_set in coverage["per-bin"])
+
+
+def test_per_bin_intervals_are_the_hull_of_each_bins_reach() -> None:
+    extents = tuple(TASK.extents())  # [1, 2.5), [2.5, 4.5), [4.5, 6.5), [6.5, 8.5), [8.5, 10]
+    rule = conformal.ConformalRule(0.9, (0.2, math.inf, 0.0, 1.0, 0.5), (0.5,) * 5, extents)
+    low, high = rule.intervals(torch.tensor([5.0, 8.0, 12.0]), TASK.low, TASK.high)
+    # 5: bin 1 always (inf), bin 2 only 5 itself; 8: bins 1, 3 ([7, 8.5]) and 4 (8.5); 12 counts as 10
+    assert low.tolist() == [2.5, 2.5, 2.5] and high.tolist() == [5.0, 8.5, 10.0]
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(5, generator=g).double() * 3
+    rule = conformal.ConformalRule(0.9, tuple(q.tolist()), (0.5,) * 5, extents)
+    values, labels = torch.rand(500, generator=g).double() * 9 + 1, torch.randint(1, 11, (500,), generator=g)
+    low, high = rule.intervals(values, TASK.low, TASK.high)
+    within = (labels - values).abs() <= q[[TASK.bin_index(v) for v in labels.tolist()]]
+    assert bool(within.any()) and bool(((low <= labels) & (labels <= high))[within].all())  # the guarantee's step
+
+
+def test_per_bin_sets_hold_every_bin_within_its_own_threshold() -> None:
+    torch.manual_seed(4)
+    probs = torch.distributions.Dirichlet(torch.full((5,), 0.7)).sample((400,)).double()
+    thresholds = (0.2, 0.9, 0.5, 0.0, 0.7)
+    low, high = conformal.contiguous_sets(probs, thresholds)
+    scores = conformal.bin_scores(probs)
+    inside = (low[:, None] <= torch.arange(5)) & (torch.arange(5) <= high[:, None])
+    assert bool(inside[scores <= torch.tensor(thresholds, dtype=torch.float64)].all())
+    assert bool(inside[torch.arange(400), probs.argmax(dim=1)].all())
+    for ends in (low, high):  # the hull is tight: both ends are bins within their thresholds
+        assert bool((scores.gather(1, ends[:, None]).squeeze(1) <= torch.tensor(thresholds)[ends]).all())
+
+
+def test_per_bin_calibration_round_trips_and_damage_is_caught(tmp_path: Path) -> None:
+    calib = regressed_held(600, seed=5)
+    result = cal.calibrate(calib, TASK, conformal="per-bin", coverage=0.95)
+    stored = json.loads(json.dumps(result.to_metadata()))  # strict JSON: no infinity anywhere
+    assert stored["version"] == 2 and stored["conformal"] == "per-bin" and len(stored["quantiles"]["interval"]) == 5
+    again = cal.Calibration.from_metadata(stored)
+    assert again.rule(0.8) == result.rule(0.8) and again.rule() == result.rule()
+    temperature, rule = cal.prediction_settings(stored, 0.9)
+    assert rule == result.rule(0.9) and rule.mode == "per-bin"
+    # the top bin has 41 fitted samples: enough for 0.95 (19), not for 0.99 (99): always in the interval
+    assert math.isinf(result.rule(0.99).interval_quantiles[4]) and math.isfinite(rule.interval_quantiles[4])
+    with pytest.raises(CheckpointError, match="thresholds for 5 bins, the model 4"):
+        rule.bin_sets(torch.zeros(3, 4))  # a checkpoint whose task lost a bin
+    for damage in ({"extents": stored["extents"][:4]}, {"scores_by_bin": {"interval": [[]] * 5, "set": [[]] * 5}},
+                   {"scores": {"interval": [-1.0] * stored["n"], "set": stored["scores"]["set"]}}):
+        with pytest.raises(CheckpointError, match="damaged calibration metadata"):
+            cal.Calibration.from_metadata({**stored, **damage})
+
+
+def test_per_bin_with_too_few_images_in_a_bin_warns(splits) -> None:
+    calib, _ = splits
+    few_top = calib.subset((calib.bins < 4) | (torch.arange(len(calib)) < 40))  # a handful in the top bin
+    result = cal.calibrate(few_top, TASK, conformal="per-bin")
+    assert any("per-bin: bin(s) ['nine or ten'] have fewer than 9" in w for w in result.warnings)
+    assert cal.thresholds(result.rule())["interval"][4] is None  # "always"
 
 
 def test_reliability_diagram_is_a_png_of_the_expected_size(splits, tmp_path: Path) -> None:
@@ -235,13 +376,20 @@ def test_calibrate_command_lowers_ece_and_nll(calibrated: dict[str, Any], overco
     assert report["temperature"] > 1.5  # the ×5 is undone, at least in part
     assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
     assert after["mae"] == before["mae"] and after["accuracy"] == before["accuracy"]
-    assert report["n"] == 300 and report["conformal"]["coverage"] == 0.9
-    assert report["conformal"]["interval_coverage"] >= 0.9 and report["conformal"]["set_coverage"] >= 0.9
-    stdout = calibrated["result"].stdout
-    assert "ECE (10 bins)" in stdout and "before (T = 1)" in stdout and "bin set" in stdout
+    assert report["n"] == 300 and report["n_fit"] + report["n_check"] == 300 and report["conformal"]["coverage"] == 0.9
+    achieved = report["achieved"]  # on the quarter of the images the fit never saw
+    assert achieved["n"] == report["n_check"] and report["metrics_on"] == "held-out"
+    for key in ("interval_coverage", "set_coverage"):
+        assert abs(achieved[key] - 0.9) < 3 * achieved["standard_error"] + 0.02
+    assert len(achieved["per_bin"]) == 5 and sum(row["n"] for row in achieved["per_bin"]) == achieved["n"]
+    assert {"mae_levels", "qwk", "one_off", "rank_accuracy", "cs@1"} <= set(before)
+    stdout = " ".join(calibrated["result"].stdout.split())
+    assert "ECE (10 bins)" in stdout and "before (T = 1)" in stdout and "MAE in levels (Σ p·k)" in stdout
+    assert f"achieved on {achieved['n']} held-out image(s)" in stdout and "set cov." in stdout
     assert read_checkpoint(overconfident).calibration is None  # --out leaves the input alone
     stored = read_checkpoint(calibrated["path"]).calibration
-    assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == 300
+    assert stored["temperature"] == report["temperature"] and len(stored["scores"]["set"]) == report["n_fit"]
+    assert stored["achieved"] == achieved
     with Image.open(calibrated["plot"]) as image:
         assert image.format == "PNG" and image.size == plotting.PLOT_SIZE
 
@@ -257,8 +405,8 @@ def test_calibrated_probabilities_on_the_test_split_are_better(calibrated, overc
     held = collect(Predictor(loaded.model, torch.device("cpu")), load_samples(data["test"], SIZE),
                    loaded.transform, batch_size=64, workers=0)
     t = calibrated["report"]["temperature"]
-    assert cal.calibration_metrics(held, t)["nll"] < cal.calibration_metrics(held, 1.0)["nll"]
-    assert cal.calibration_metrics(held, t)["ece"] < cal.calibration_metrics(held, 1.0)["ece"]
+    assert cal.calibration_metrics(held, SIZE, t)["nll"] < cal.calibration_metrics(held, SIZE, 1.0)["nll"]
+    assert cal.calibration_metrics(held, SIZE, t)["ece"] < cal.calibration_metrics(held, SIZE, 1.0)["ece"]
 
 
 @pytest.mark.slow
@@ -311,7 +459,8 @@ def test_coverage_needs_a_calibrated_model(overconfident, calibrated, data, run_
     for result in (zero_shot, uncalibrated):
         assert result.exit_code == 2 and "run `numclip calibrate" in result.stderr and not result.stdout
     too_sure = run_cli(["predict", image, "--checkpoint", calibrated["path"], "--coverage", "0.999", *CPU])
-    assert too_sure.exit_code == 2 and "needs at least 999 calibration samples, there are 300" in too_sure.stderr
+    n_fit = read_checkpoint(calibrated["path"]).calibration["n"]
+    assert too_sure.exit_code == 2 and f"needs at least 999 calibration samples, there are {n_fit}" in too_sure.stderr
 
 
 @pytest.mark.slow
@@ -327,3 +476,71 @@ def test_calibrate_rewrites_in_place_and_refuses_too_little_data(overconfident, 
     stored = read_checkpoint(copy).calibration
     assert stored["coverage"] == 0.8 and stored["data"] == str(data["calib"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp files left
+
+
+@pytest.mark.parametrize("option, value", [("--coverage", "nan"), ("--coverage", "1"), ("--holdout", "1"),
+                                           ("--holdout", "-0.1"), ("--holdout", "nan"), ("--conformal", "local")])
+def test_bad_calibrate_options_are_usage_errors_before_any_work(run_cli, tmp_path: Path, option: str,
+                                                                value: str) -> None:
+    # neither file exists: a check that ran after loading would exit 1
+    result = run_cli(["calibrate", "--checkpoint", tmp_path / "missing.safetensors", "--data", tmp_path / "none",
+                      option, value, *CPU])
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_per_bin_calibration_from_the_command_line(overconfident, data, run_cli, tmp_path: Path) -> None:
+    out, report = tmp_path / "per-bin.safetensors", tmp_path / "report.json"
+    result = run_cli(["calibrate", "--checkpoint", overconfident, "--data", data["calib"], "--out", out,
+                      "--conformal", "per-bin", "--holdout", "0.4", "--seed", "1", "--json", report, "--workers", "0",
+                      *CPU])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(report.read_text())
+    assert report["n_check"] == 120 and report["conformal"]["mode"] == "per-bin"
+    assert len(report["conformal"]["interval"]) == 5 and report["achieved"]["mode"] == "per-bin"
+    assert "± q" in result.stdout and "set ≤" in result.stdout
+    stored = read_checkpoint(out).calibration
+    assert stored["version"] == 2 and stored["holdout"]["seed"] == 1 and stored["achieved"] == report["achieved"]
+    predicted = run_cli(["predict", str(data["test"]), "--recursive", "--checkpoint", out, "--coverage", "0.9",
+                         "--format", "jsonl", "--workers", "0", *CPU])
+    assert predicted.exit_code == 0, predicted.stderr
+    records = [json.loads(line) for line in predicted.stdout.splitlines()]
+    hits = sum(r["interval"][0] <= float(Path(r["path"]).parent.name) <= r["interval"][1] for r in records)
+    assert len(records) == 200 and 0.75 <= hits / 200 <= 1.0
+
+
+def test_non_finite_outputs_are_left_out_of_calibration(tiny_backbone, synthetic_dir: Path) -> None:
+    from numclip_cli.datasets import load_samples
+    from numclip_cli.evaluation import collect
+    from numclip_cli.model.methods import create_model
+    from numclip_cli.predictor import Predictor
+
+    class Poisoned(Predictor):
+        """Every third image gets a NaN value, every fifth a NaN logit; ``bad`` = all of them."""
+
+        bad = False
+
+        def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {key: value.clone() for key, value in super().predict_images(images).items()}
+            out["value"][::3] = math.nan
+            out["bin_logits"][::5, 0] = math.nan
+            if self.bad:
+                out["value"][:] = math.inf
+            return out
+
+    samples = load_samples(synthetic_dir, TASK)
+    predictor = Poisoned(create_model("numclip", tiny_backbone, TASK), torch.device("cpu"))
+    held = collect(predictor, samples, tiny_backbone.preprocess, batch_size=64, workers=0)
+    poisoned = set(range(0, 24, 3)) | set(range(0, 24, 5))
+    assert held.nonfinite == len(poisoned) and len(held) == 24 - len(poisoned)
+    assert bool(torch.isfinite(held.values).all()) and not bool(held.bin_logits.isnan().any())
+    kept = [i for i in range(24) if i not in poisoned]
+    assert held.targets.tolist() == [samples.values[i] for i in kept]  # labels stay with their rows
+    twenty = cal.HeldOut(*(torch.cat([x] * 2) for x in (held.bin_logits, held.values, held.targets, held.bins)),
+                         source="s", nonfinite=held.nonfinite)
+    assert any(f"non-finite outputs (NaN/inf) for {len(poisoned)} image(s)" in w
+               for w in cal.calibrate(twenty, TASK, holdout=0).warnings)
+    predictor.bad = True
+    with pytest.raises(DataError, match="non-finite outputs .* for all 24 readable image"):
+        collect(predictor, samples, tiny_backbone.preprocess, batch_size=64, workers=0)

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MODEL, SUBPROCESS_TIMEOUT
-from PIL import Image
+from helpers import MODEL, SUBPROCESS_TIMEOUT, write_distinct_pngs
 
 IMAGES = 400  # with --batch-size 8: 50 batches, so the first signal lands mid-run
 
@@ -24,8 +23,7 @@ IMAGES = 400  # with --batch-size 8: 50 batches, so the first signal lands mid-r
 @pytest.fixture(scope="module")
 def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("many")
-    for i in range(IMAGES):
-        Image.new("RGB", (16, 16), (i % 256, 7 * i % 256, 40)).save(folder / f"{i:03d}.png")
+    write_distinct_pngs(folder, IMAGES, blue=40)
     return folder
 
 
@@ -41,7 +39,8 @@ def test_signals_during_shutdown_print_no_traceback(signum: int, code: int, numc
     watchdog = threading.Timer(SUBPROCESS_TIMEOUT, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
-        while not any(p.stat().st_size for p in out.parent.iterdir() if p.is_file()):  # the first records are out
+        # the first records are in the output's temp file (not the lock file, which holds the pid at once)
+        while not any(p.stat().st_size for p in out.parent.iterdir() if p.name.endswith(".tmp")):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.01)
         os.kill(proc.pid, signum)

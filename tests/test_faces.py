@@ -189,6 +189,16 @@ def test_predict_without_the_extra(no_extra, run_cli, photos) -> None:
     assert "numclip[face] is not installed: using whole images" in default.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "predict"])
+@pytest.mark.parametrize("margin", ["nan", "inf", "-inf", "-0.1"])
+def test_face_margin_must_be_finite_and_not_negative(run_cli, tmp_path: Path, command: str, margin: str) -> None:
+    # the input does not exist: a check that ran after parsing would exit 1 (not found), not 2
+    where = ["--data", tmp_path / "missing"] if command == "train" else [tmp_path / "missing.png"]
+    result = run_cli([command, *where, *TINY, "--faces", "largest", "--face-margin", margin])
+    assert result.exit_code == 2, result.output
+    assert "--face-margin" in result.stderr and "finite number of at least 0" in result.stderr
+
+
 def test_unknown_mode_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="choose one of none, largest, all"):
         resolve_mode("both", "none")

@@ -86,6 +86,10 @@ def test_readme_block_runs_as_written(line: int, commands: str, tmp_path: Path, 
     clone.mkdir()
     fresh_clone(clone)
     env = dict(clean_env, PATH=os.environ.get("PATH", "/usr/bin:/bin"))
+    # under `make test` the outer make's variables (VENV=... from .ci/run) reach an inner `make` through these:
+    # the block must see a fresh clone's defaults, or its `make demo` would reinstall the outer venv from here
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "VENV"):
+        env.pop(name, None)
     # -e: stop at the first failing command; pipefail: a failing numclip before "| jq" fails the block too
     proc = subprocess.run(["bash", "-eo", "pipefail", "-c", commands], cwd=clone, env=env, capture_output=True,
                           text=True, timeout=BLOCK_TIMEOUT, stdin=subprocess.DEVNULL)

@@ -378,7 +378,7 @@ HUGE_DECLARATIONS = {
     "inline-over-caps": ({"name": "huger", "model_cfg": {
         "embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 100000, "width": 1 << 20, "patch_size": 8},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}},
-        "out of range"),
+        "must be an integer from 0 to"),
 }
 PEAK_RSS_MB = 1200  # torch + open_clip + the tiny checkpoint; building any of the declared models would not fit
 

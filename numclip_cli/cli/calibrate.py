@@ -41,6 +41,14 @@ def calibrate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the measured numbers as JSON.")] = None,
     ece_bins: Annotated[int, typer.Option("--ece-bins", min=2, help="Equal-width confidence bins for ECE and "
                                           "the reliability diagram.")] = 15,
+    conformal: Annotated[str, typer.Option(
+        "--conformal", help="global: one interval width and set threshold for all images (coverage on average); "
+                            "per-bin: one per true bin, so images of every bin get the coverage and intervals "
+                            "widen where the model errs more.")] = "global",
+    holdout: Annotated[float, typer.Option(
+        "--holdout", help="Share of --data (of every bin, seeded) kept out of the fit to measure the coverage and "
+                          "metrics the calibration achieves; 0 fits on all of it and measures nothing.")] = 0.25,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -63,6 +71,8 @@ def calibrate(
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
+    calibration.check_mode(conformal)
+    calibration.check_holdout(holdout)
     if out is None and str(checkpoint) in SHIPPED_CHECKPOINTS:
         raise UsageError(f"{checkpoint} is a shipped checkpoint: write the calibrated copy with --out FILE")
     # outputs are checked and locked before any work, until the command ends
@@ -85,18 +95,24 @@ def calibrate(
     transform = face_transform(face_mode, loaded.preprocess.face_margin, loaded.transform)
     held = collect(Predictor(model, dev), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
-                                   train_data=ckpt.train.get("data", {}).get("train"))
+                                   train_data=ckpt.train.get("data", {}).get("train"), holdout=holdout, seed=seed,
+                                   conformal=conformal)
     for message in result.warnings:
         reporter.warn(message)
     target = out or checkpoint
-    report = {"checkpoint": str(target), "data": held.source, "n": len(held), "skipped": held.skipped,
-              "temperature": result.temperature, "ece_bins": ece_bins, "metrics": result.metrics,
-              "conformal": calibration.conformal_summary(held, result.rule(), ckpt.task), "unit": ckpt.task.unit,
-              "warnings": result.warnings}
+    report = {"checkpoint": str(target), "data": held.source, "n": len(held), **result.holdout,
+              "skipped": held.skipped, "nonfinite": held.nonfinite, "temperature": result.temperature,
+              "ece_bins": ece_bins, "metrics_on": "held-out" if result.achieved else "calibration",
+              "metrics": result.metrics,
+              "conformal": {"mode": conformal, "coverage": coverage, "bins": ckpt.task.bin_names,
+                            **calibration.thresholds(result.rule())},
+              "achieved": result.achieved, "unit": ckpt.task.unit, "warnings": result.warnings}
     if plot:
         from numclip_cli.plotting import save_reliability_diagram
 
-        save_reliability_diagram(plot, held, result.temperature, ece_bins,
+        # on the part the table's metrics come from: the temperature was not fitted on it
+        shown = calibration.split_held(held, holdout, seed)[1] if result.achieved else held
+        save_reliability_diagram(plot, shown, result.temperature, ece_bins,
                                  title=f"Reliability diagram: task {ckpt.task.name!r}, {checkpoint.name}")
     if json_out:
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
@@ -106,25 +122,58 @@ def calibrate(
     _print_tables(report)
 
 
+# metric key → label, in the order the table shows them (keys a report lacks are skipped)
+_METRIC_ROWS = (("ece", "ECE ({ece_bins} bins)"), ("nll", "NLL"), ("brier", "Brier"), ("rps", "RPS"), ("mae", "MAE"),
+                ("mae_max", "MAE, argmax rank"), ("mae_levels", "MAE in levels (Σ p·k)"),
+                ("mae_levels_max", "MAE in levels (argmax)"), ("accuracy", "accuracy (bin)"),
+                ("rank_accuracy", "rank accuracy"), ("one_off", "1-off accuracy"), ("qwk", "QWK"))
+
+
 def _print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    table = Table("metric", "before (T = 1)", f"after (T = {report['temperature']:.3g})",
-                  title=f"calibration on {report['n']} image(s) of {report['data']}")
-    for key, label in (("ece", f"ECE ({report['ece_bins']} bins)"), ("nll", "NLL"), ("brier", "Brier"),
-                       ("rps", "RPS"), ("accuracy", "accuracy"), ("mae", "MAE")):
-        table.add_row(label, f"{before[key]:.4f}", f"{after[key]:.4f}")
-    conformal = report["conformal"]
     unit = f" {report['unit']}" if report["unit"] else ""
-    sets = Table("conformal", "value", title=f"coverage {conformal['coverage']:g} (on the calibration data)")
-    sets.add_row("interval: value ± q", f"± {conformal['interval_quantile']:.4g}{unit}")
-    sets.add_row("interval coverage / mean width",
-                 f"{conformal['interval_coverage']:.3f} / {conformal['mean_interval_width']:.4g}{unit}")
-    sets.add_row("bin set: threshold", f"{conformal['set_threshold']:.4g}")
-    sets.add_row("bin set coverage / mean size", f"{conformal['set_coverage']:.3f} / "
-                 f"{conformal['mean_set_size']:.2f} bins")
+    where = (f"{report['n_check']} held-out image(s) of {report['data']} (fitted on the other {report['n_fit']})"
+             if report["achieved"] else f"the {report['n_fit']} calibration image(s) of {report['data']}")
+    table = Table("metric", "before (T = 1)", f"after (T = {report['temperature']:.3g})", title=f"on {where}",
+                  caption=f"MAE and CS@L in{unit}" if unit else None)
+    rows = [*_METRIC_ROWS, *((key, key.replace("cs@", "CS@")) for key in before if key.startswith("cs@"))]
+    for key, label in rows:
+        if key in before:
+            table.add_row(label.format(ece_bins=report["ece_bins"]), f"{before[key]:.4f}", f"{after[key]:.4f}")
     console = Console()
     console.print(table)
-    console.print(sets)
+    console.print(_conformal_table(report, unit))
+
+
+def _conformal_table(report: dict[str, Any], unit: str) -> Any:
+    """The thresholds and, per true bin and overall, the coverage achieved on the held-out part."""
+    from rich.table import Table
+
+    conformal, achieved = report["conformal"], report["achieved"]
+    per_bin = conformal["mode"] == "per-bin"
+    title = f"conformal ({conformal['mode']}) at coverage {conformal['coverage']:g}: "
+    if not per_bin:
+        title += f"interval value ± {conformal['interval']:.4g}{unit}, bin set threshold {conformal['set']:.3f}; "
+    title += (f"achieved on {achieved['n']} held-out image(s), ± {achieved['standard_error']:.3f} by chance"
+              if achieved else "achieved coverage not measured (nothing held out)")
+    if not (achieved or per_bin):
+        return title  # nothing per bin to show
+    table = Table("bin", *(("± q", "set ≤") if per_bin else ()), "images", "interval cov.", "mean width",
+                  "set cov.", "mean set size", title=title)
+    rows = [*achieved["per_bin"], {"bin": "all", **achieved}] if achieved else [{"bin": b} for b in conformal["bins"]]
+    for k, row in enumerate(rows):
+        limits = ()
+        if per_bin:  # null stands for "always": too few calibration images in the bin
+            limits = ((_cell(conformal["interval"][k], ".4g", "always"), _cell(conformal["set"][k], ".3f", "always"))
+                      if k < len(conformal["bins"]) else ("", ""))
+        table.add_row(str(row["bin"]), *limits, _cell(row.get("n"), "d"), _cell(row.get("interval_coverage"), ".3f"),
+                      _cell(row.get("mean_interval_width"), ".4g"), _cell(row.get("set_coverage"), ".3f"),
+                      _cell(row.get("mean_set_size"), ".2f"))
+    return table
+
+
+def _cell(value: float | None, digits: str, missing: str = "–") -> str:
+    return missing if value is None else format(value, digits)

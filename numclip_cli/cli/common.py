@@ -51,6 +51,13 @@ def positive(value: float | None) -> float | None:
     return value
 
 
+def non_negative(value: float | None) -> float | None:
+    """Option callback: a finite number of at least 0 (click's ``min=0`` lets NaN and inf through)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} is not a finite number of at least 0")
+    return value
+
+
 def fraction(value: float | None) -> float | None:
     """Option callback: a share strictly between 0 and 1."""
     if value is not None and not 0 < value < 1:  # False for NaN too

@@ -28,6 +28,7 @@ from numclip_cli.cli.common import (
     WorkersOpt,
     announce_device,
     handle_errors,
+    non_negative,
     prepare,
     stop_at_safe_points,
 )
@@ -71,8 +72,8 @@ def predict(
                         "(default: the task's, largest for age; needs numclip[face]). No face found: the whole "
                         "image, with \"face\": null.", show_default=False)] = None,
     face_margin: Annotated[float | None, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default: the "
-                                       "checkpoint's training margin, else 0.4).")] = None,
+        "--face-margin", callback=non_negative, help="Added on every side of a face, as a share of its size "
+                                                     "(default: the checkpoint's training margin, else 0.4).")] = None,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,

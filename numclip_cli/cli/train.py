@@ -21,6 +21,7 @@ from numclip_cli.cli.common import (
     announce_device,
     fraction,
     handle_errors,
+    non_negative,
     positive,
     prepare,
 )
@@ -83,8 +84,8 @@ def train(
                         "none: whole images (default: the task's, largest for age; needs numclip[face]). "
                         "Stored in the checkpoint, so predict crops the same way.", show_default=False)] = None,
     face_margin: Annotated[float | None, typer.Option(
-        "--face-margin", min=0.0, help="Added on every side of a face, as a share of its size (default 0.4).",
-        show_default=False)] = None,
+        "--face-margin", callback=non_negative, show_default=False,
+        help="Added on every side of a face, as a share of its size (default 0.4).")] = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,

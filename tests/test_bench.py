@@ -148,7 +148,7 @@ def test_fast_predict_agrees_with_fp32_on_the_trained_tiny_model(tmp_path: Path)
 def rows() -> list[dict]:
     seen: list[dict] = []
     config = AccuracyConfig.create(kinds=["fill"], methods=["zeroshot", "linear-probe"], n_train=40, n_test=12,
-                                   epochs=1, seed=0)
+                                   epochs=1, seeds=[0])
     result = run_accuracy_suite(config, CPU, on_progress=seen.append)
     assert seen == result
     return result
@@ -159,7 +159,7 @@ def test_accuracy_rows_hold_every_metric_and_the_median_baseline(rows: list[dict
     assert [(r["kind"], r["method"]) for r in rows] == [("fill", "median"), ("fill", "zeroshot"),
                                                         ("fill", "linear-probe")]
     for row in rows:
-        assert set(row) == {"kind", "method", *ACCURACY_COLUMNS}
+        assert set(row) == {"kind", "method", "seed", "shots", *ACCURACY_COLUMNS}
         for name in ("mae", "accuracy", "one_off", "qwk", "seconds"):
             assert math.isfinite(row[name]), (row["method"], name)
         assert 0 <= row["accuracy"] <= row["one_off"] <= 1
@@ -171,9 +171,9 @@ def test_accuracy_rows_hold_every_metric_and_the_median_baseline(rows: list[dict
 @pytest.mark.slow
 def test_accuracy_markdown_table_has_a_row_per_result(rows: list[dict]) -> None:
     table = accuracy_markdown(rows).splitlines()
-    assert table[0] == "| kind | method | mae | mae_max | accuracy | one_off | qwk | seconds |"
+    assert table[0] == "| kind | method | seed | shots | mae | mae_max | accuracy | one_off | qwk | seconds |"
     assert len(table) == 2 + len(rows)
-    assert table[2].startswith("| fill | median | ") and "| – |" in table[2]
+    assert table[2].startswith("| fill | median | 0 | – | ") and "| – |" in table[2]
 
 
 @pytest.mark.slow
@@ -188,8 +188,8 @@ def test_accuracy_suite_in_the_cli_report_and_as_markdown(run_cli, tmp_path: Pat
     assert report["figures"] == [] and report["model"] is None
     assert report["smoke_run"] == SMOKE_NOTE and report["config"]["accuracy"]["epochs"] == 1
     assert result.stdout.strip() == markdown(report)  # --markdown prints the report's tables, nothing else
-    assert f"Accuracy on the synthetic suites ({SMOKE_NOTE})" in result.stdout
-    assert "| dots | zeroshot |" in result.stdout
+    assert f"Test MAE on the synthetic suites, mean ± std over 1 seed(s) ({SMOKE_NOTE})" in result.stdout
+    assert "| zeroshot | " in result.stdout and "| dots | zeroshot | 0 | – |" in result.stdout
 
 
 @pytest.mark.parametrize("bad", [["--methods", "bogus"], ["--kinds", "squares"]])

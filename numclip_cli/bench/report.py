@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from numclip_cli.bench.seeds import aggregate, mae_table, shots_table
 from numclip_cli.bench.system import environment
 
-SCHEMA = "numclip-bench/2"  # 2: targets only where they apply, and smoke runs marked
+SCHEMA = "numclip-bench/3"  # 2: targets only where they apply, and smoke runs marked; 3: seeds, few-shot, summary
 SMOKE_NOTE = "smoke run: too small to judge targets or rank methods"
 # The targets the project set for predict's speed, with the model each was set for: a ratio measured on another
 # backbone (numclip-tiny's forward pass is ~5 ms, so fixed per-batch work dominates) says nothing about them.
@@ -93,7 +94,8 @@ def build_report(device: torch.device, config: dict[str, Any], speed: SpeedResul
             "environment": environment(device), "config": config, "smoke_run": SMOKE_NOTE if smoke else None,
             "model": speed.model if speed else None, "figures": figures,
             "targets_note": targets_note(speed.model) if speed else None,
-            "accuracy": accuracy, "accuracy_units": ACCURACY_UNITS if accuracy else None}
+            "accuracy": accuracy, "accuracy_units": ACCURACY_UNITS if accuracy else None,
+            "accuracy_summary": aggregate(accuracy) if accuracy else None}
 
 
 def targets_note(model: dict[str, Any]) -> str | None:
@@ -112,10 +114,12 @@ def _number(value: Any, digits: str = ".3f") -> str:
 
 def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
     """Accuracy rows as a GitHub markdown table (numbers to 3 decimals, seconds to 1, missing values as –)."""
-    lines = ["| kind | method | " + " | ".join(ACCURACY_COLUMNS) + " |", "|---|---|" + "---:|" * len(ACCURACY_COLUMNS)]
+    lines = ["| kind | method | seed | shots | " + " | ".join(ACCURACY_COLUMNS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(ACCURACY_COLUMNS)]
     for row in rows:
         cells = [_number(row.get(c), ".1f" if c == "seconds" else ".3f") for c in ACCURACY_COLUMNS]
-        lines.append(f"| {row['kind']} | {row['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['kind']} | {row['method']} | {_number(row.get('seed'))} | {_number(row.get('shots'))} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -145,5 +149,12 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(f"Speed: {model['backbone']} ({model['pretrained']}, {model['method']}){smoke}{note}\n\n"
                      + figures_markdown(report["figures"]))
     if report["accuracy"]:
-        parts.append(f"Accuracy on the synthetic suites{smoke}\n\n" + accuracy_markdown(report["accuracy"]))
+        summary = report["accuracy_summary"]
+        seeds = max(row["seeds"] for row in summary)
+        parts.append(f"Test MAE on the synthetic suites, mean ± std over {seeds} seed(s){smoke}\n\n"
+                     + mae_table(summary))
+        if any(row["shots"] for row in summary):
+            parts.append(f"Few-shot test MAE (K images per rank), mean ± std over {seeds} seed(s){smoke}\n\n"
+                         + shots_table(summary))
+        parts.append("Every run\n\n" + accuracy_markdown(report["accuracy"]))
     return "\n\n".join(parts)

@@ -64,15 +64,20 @@ def bench(
         "--methods", help="Accuracy suite: comma-separated methods (default every method).",
         show_default=False)] = None,
     n_train: Annotated[int | None, typer.Option(
-        "--n-train", min=1, help="Accuracy suite: training images per generator (default 900; 120 with --quick).",
+        "--n-train", min=1, help="Accuracy suite: training images per generator (default 300; 120 with --quick).",
         show_default=False)] = None,
     n_test: Annotated[int | None, typer.Option(
-        "--n-test", min=1, help="Accuracy suite: test images per generator (default 300; 60 with --quick).",
+        "--n-test", min=1, help="Accuracy suite: test images per generator (default 200; 60 with --quick).",
         show_default=False)] = None,
     epochs: Annotated[int | None, typer.Option(
-        "--epochs", min=1, help="Accuracy suite: epochs per method (default 8; 1 with --quick).",
+        "--epochs", min=1, help="Accuracy suite: epochs per method (default 6; 1 with --quick).",
         show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Accuracy suite: seed of data and training.")] = 0,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Accuracy suite: comma-separated seeds of data, initialisation and training; tables show "
+                        "mean ± std over them (default 0,1,2; 0 with --quick).", show_default=False)] = None,
+    shots: Annotated[str | None, typer.Option(
+        "--shots", help="Accuracy suite: few-shot curve, comma-separated K (images per rank), e.g. 1,2,4,8,16.",
+        show_default=False)] = None,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -93,7 +98,8 @@ def bench(
         fast=fast, stream=stream) if suite in ("speed", "all") else None
     accuracy = AccuracyConfig.create(
         quick, kinds=_names(kinds) if kinds else None, methods=_names(methods) if methods else None,
-        n_train=n_train, n_test=n_test, epochs=epochs, seed=seed) if suite in ("accuracy", "all") else None
+        n_train=n_train, n_test=n_test, epochs=epochs, seeds=_ints("--seeds", seeds),
+        shots=_ints("--shots", shots)) if suite in ("accuracy", "all") else None
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
 
@@ -112,7 +118,9 @@ def bench(
         config["accuracy"] = vars(accuracy)
 
         def row_done(row: dict[str, Any]) -> None:
-            say(f"accuracy: {row['kind']} {row['method']}: MAE {row['mae']:.3f} ({row['seconds']:.1f} s)")
+            shots = f", {row['shots']} per rank" if row["shots"] else ""
+            say(f"accuracy: {row['kind']} {row['method']} (seed {row['seed']}{shots}): MAE {row['mae']:.3f} "
+                f"({row['seconds']:.1f} s)")
 
         rows = run_accuracy_suite(accuracy, dev, on_progress=row_done)
     report = build_report(dev, config, speed_result, rows, smoke=quick)
@@ -133,6 +141,18 @@ def bench(
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _ints(option: str, text: str | None) -> list[int] | None:
+    """A comma-separated list of integers (None when the option is not given)."""
+    if text is None:
+        return None
+    from numclip_cli.errors import UsageError
+
+    try:
+        return [int(part) for part in _names(text)]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 1,2,4") from None
 
 
 def _print_tables(report: dict[str, Any]) -> None:
@@ -162,10 +182,20 @@ def _print_tables(report: dict[str, Any]) -> None:
         for row in report["accuracy"]:
             table.add_row(*(_cell(row[column]) for column in columns))
         console.print(table)
+        summary = Table("kind", "method", "shots", "seeds", "mae", "accuracy", "qwk",
+                        title=f"mean ± std over seeds{smoke}")
+        for row in report["accuracy_summary"]:
+            summary.add_row(row["kind"], row["method"], _blank(row["shots"]), str(row["seeds"]),
+                            *(_spread(row, name) for name in ("mae", "accuracy", "qwk")))
+        console.print(summary)
 
 
 def _blank(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _spread(row: dict[str, Any], name: str) -> str:
+    return "–" if row[name] is None else f"{row[name]:.3f} ± {row[name + '_std']:.3f}"
 
 
 def _cell(value: Any) -> str:

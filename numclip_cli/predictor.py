@@ -16,6 +16,7 @@ from numclip_cli.calibration import ConformalRule
 from numclip_cli.errors import NumclipError
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
+from numclip_cli.precision import full_precision, resolve_precision
 
 # an upright image → its views (the image itself, or face crops) with the fields each adds to its record
 Crops = Callable[[Any], list[tuple[Any, dict[str, Any]]]]
@@ -118,12 +119,6 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     return 1 if cores > 2 else 0
 
 
-def image_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA (open_clip's own inference setting), a no-op elsewhere."""
-    # callers wrap the image tower only: logits scaled by up to 100 need fp32 before the softmax
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def quantize_image_tower(model: OrdinalModel) -> None:
     """``--fast`` on CPU: int8 dynamic quantisation of the image tower's ``nn.Linear`` layers, in place.
 
@@ -145,9 +140,11 @@ class Predictor:
 
     def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0,
                  conformal: ConformalRule | None = None, fast: bool = False,
-                 warn: Callable[[str], None] = lambda message: None) -> None:
+                 warn: Callable[[str], None] = lambda message: None, precision: str | None = None) -> None:
         self.model = model.eval()
         self.device = device
+        self.precision = resolve_precision(precision, device)  # None: amp on CUDA, fp32 elsewhere
+        self.precision.cast_backbone(self.model.clip)
         self.temperature = temperature
         self.conformal = conformal  # adds an interval and a contiguous bin set to every record
         self.warn = warn
@@ -167,9 +164,11 @@ class Predictor:
     def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Bin probabilities, fine value and readouts for a batch of preprocessed images."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        with image_autocast(self.device):
-            features = self.model.encode_images(images)
-        out = self.model.head(features, self.text_features)
+        with self.precision.autocast():
+            features = self.model.encode_images(self.precision.images(images))
+        # the head in float32 whatever --precision (numclip_cli.precision says why)
+        with full_precision(self.device.type):
+            out = self.model.head(features.float(), self.text_features)
         bin_logits = self.model.bin_logits(out.logits).float()
         probs = (bin_logits / self.temperature).softmax(dim=-1)
         result = {"value": out.value.float(), "probs": probs, "bin_logits": bin_logits,

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_acr
 from numclip_cli.errors import CheckpointError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.precision import Precision, full_precision, resolve_precision
 from numclip_cli.tasks import TaskSpec
 
 OPTIM_PREFIX = "optim."
@@ -60,7 +61,7 @@ class TrainConfig:
     tune_context: bool | None = None
     milestones: tuple[int, ...] = (60,)  # MultiStep ×0.1, as the reference
     seed: int = 0
-    amp: bool = True  # fp16 autocast on CUDA only; CPU always runs fp32 (bf16 is slower on these CPUs)
+    precision: str | None = None  # --precision (numclip_cli.precision); None: amp on CUDA, fp32 elsewhere
     workers: int = 2
     face_margin: float = DEFAULT_MARGIN  # around the face crop, when the task's ``faces`` is "largest"
 
@@ -101,25 +102,34 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Image features of a batch: cached ones (frozen image tower), or the image tower run on its images."""
-    return batch["features"] if "features" in batch else model.encode_images(batch["images"])
+def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
+    """Image features of a batch: cached ones (frozen image tower), or the image tower run on its images under
+    ``precision`` (float32 out: the heads compute in float32)."""
+    if "features" in batch:
+        return batch["features"]
+    with precision.autocast():
+        return model.encode_images(precision.images(batch["images"])).float()
 
 
 class GlobalBatchStep(nn.Module):
     """A training forward pass: this rank's images (or cached features) → features gathered over all ranks with
     gradients → the method's head and losses on the global batch (see numclip_cli.distributed)."""
 
-    def __init__(self, model: OrdinalModel, world: World) -> None:
+    def __init__(self, model: OrdinalModel, world: World, precision: Precision) -> None:
         super().__init__()
-        self.model, self.world = model, world
+        self.model, self.world, self.precision = model, world, precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses by name for the global batch."""
-        features = batch_features(self.model, batch)
+        features = batch_features(self.model, batch, self.precision)
+        with self.precision.autocast():
+            text = self.model.text_features()
         values, bins = gather(batch["values"], self.world), gather(batch["bins"], self.world)
-        out = self.model.head(gather(features, self.world), self.model.text_features())
-        return self.model.loss(out, values, bins)
+        # The heads and losses compute in float32 whatever --precision: autocast off, float32 inputs
+        # (see numclip_cli.precision for why).
+        with full_precision(self.precision.device_type):
+            out = self.model.head(gather(features, self.world), text.float())
+            return self.model.loss(out, values, bins)
 
 
 class Trainer:
@@ -127,6 +137,8 @@ class Trainer:
 
     def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device,
                  world: World | None = None) -> None:
+        self.precision = resolve_precision(config.precision, device)
+        config = replace(config, precision=self.precision.name)  # the checkpoint records the one used
         self.backbone, self.task, self.config, self.device = backbone, task, config, device
         self.world = world or World()
         if config.batch_size % self.world.size:
@@ -136,6 +148,7 @@ class Trainer:
         self.model: OrdinalModel = create_model(config.method, backbone, task)
         if backbone.random_init:
             round_frozen_init(self.model)
+        self.precision.cast_backbone(self.model.clip)
         groups = self.model.trainable_groups()
         if not groups or config.epochs < 1:
             raise UsageError(f"method {config.method!r} has nothing to train" if not groups
@@ -150,14 +163,13 @@ class Trainer:
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
-        step = GlobalBatchStep(self.model, self.world)
+        step = GlobalBatchStep(self.model, self.world, self.precision)
         self.step = DistributedDataParallel(step) if self.world.distributed else step
         self.optimizer = torch.optim.RAdam(
             [{"params": params, "lr": lrs.get(name, config.lr), "name": name} for name, params in wanted.items()],
             betas=(0.9, 0.999), weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.milestones), gamma=0.1)
-        self.use_amp = config.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = self.precision.grad_scaler()
         self.start_epoch = 0
         self.best_mae = math.inf
         self.best_epoch = -1
@@ -206,7 +218,7 @@ class Trainer:
             for batch in self._loader(samples, train=False, epoch=0):
                 skipped += int(batch["skipped"])
                 if "images" in batch:
-                    parts["features"].append(self.model.encode_images(batch["images"].to(self.device)).float())
+                    parts["features"].append(batch_features(self.model, self._on_device(batch), self.precision))
                     parts["values"].append(batch["values"].to(self.device))
                     parts["bins"].append(batch["bins"].to(self.device))
             cache = {name: torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
@@ -232,8 +244,7 @@ class Trainer:
             skipped += int(batch.get("skipped", 0))
             if "values" not in batch:
                 continue
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                loss = self.step(self._on_device(batch))
+            loss = self.step(self._on_device(batch))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
             self.scaler.step(self.optimizer)
@@ -252,7 +263,7 @@ class Trainer:
         for batch in self._batches(samples, train=False, epoch=0):
             if "values" not in batch:
                 continue
-            out = self.model.head(batch_features(self.model, self._on_device(batch)), text)
+            out = self.model.head(batch_features(self.model, self._on_device(batch), self.precision), text)
             values.append(out.value.float().cpu())
             probs.append(self.model.bin_logits(out.logits).float().softmax(-1).cpu())
             if out.value_max is not None:

@@ -13,6 +13,7 @@ from numclip_cli.cli.common import (
     CheckpointOpt,
     DeviceOpt,
     OfflineOpt,
+    PrecisionOpt,
     QuietOpt,
     Reporter,
     VerboseOpt,
@@ -35,6 +36,7 @@ def bench(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32,
+    precision: PrecisionOpt = None,
     images: Annotated[int | None, typer.Option(
         "--images", min=1, help="Images per throughput measurement (default 64; 16 with --quick).",
         show_default=False)] = None,
@@ -81,6 +83,9 @@ def bench(
         raise UsageError(f"--suite {suite!r}: choose one of {', '.join(SUITES)}")
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    precision = resolve_precision(precision, dev).name  # a bad --precision fails before any measurement
 
     def say(message: str) -> None:
         reporter.info(f"bench: {message}")
@@ -94,7 +99,7 @@ def bench(
         speed = core.SpeedConfig.create(
             quick, model=model, pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None,
             device=str(dev), batch_size=batch_size, images=images, latency_images=latency_images, ranks=ranks,
-            repeats=repeats, fast=fast, stream=stream)
+            repeats=repeats, fast=fast, stream=stream, precision=precision)
         if speed.pretrained == "none" and not speed.checkpoint:
             reporter.warn(f"--pretrained none: {speed.model} is randomly initialised (speed is the same; "
                           f"the --fast agreement is measured on random features)")

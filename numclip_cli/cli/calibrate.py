@@ -12,6 +12,7 @@ from numclip_cli.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
     OfflineOpt,
+    PrecisionOpt,
     QuietOpt,
     Reporter,
     VerboseOpt,
@@ -42,6 +43,7 @@ def calibrate(
                                           "the reliability diagram.")] = 15,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -60,6 +62,9 @@ def calibrate(
     calibration.check_coverage(coverage)
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    precision = resolve_precision(precision, dev).name  # a bad --precision fails before the model loads
     model, backbone, ckpt = load_model(checkpoint, dev)
     samples = load_samples(data, ckpt.task)
     if ckpt.calibration:
@@ -73,7 +78,7 @@ def calibrate(
         reporter.warn(face_warning)
     margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
     transform = face_transform(face_mode, margin, backbone.preprocess)
-    held = calibration.collect(Predictor(model, dev), samples, transform, batch_size, workers)
+    held = calibration.collect(Predictor(model, dev, precision=precision), samples, transform, batch_size, workers)
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))
     for message in result.warnings:

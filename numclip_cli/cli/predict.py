@@ -19,6 +19,7 @@ from numclip_cli.cli.common import (
     DeviceOpt,
     ModelOpt,
     OfflineOpt,
+    PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
     Reporter,
@@ -55,6 +56,7 @@ def predict(
     fast: Annotated[bool, typer.Option(
         "--fast", help="CPU: int8 dynamic quantisation of the image tower (see `numclip bench` for its speed-up "
                        "and same-bin agreement on your machine).")] = False,
+    precision: PrecisionOpt = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", help="I/N: process every N-th input starting at I (N shards cover the input once).")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-directories.")] = False,
@@ -102,6 +104,9 @@ def predict(
         resolve_mode(faces, "none")
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    precision = resolve_precision(precision, dev).name  # a bad --precision fails before the model loads
     from numclip_cli.session import open_session
 
     session = open_session(dev, checkpoint=str(checkpoint) if checkpoint else None, model=model,
@@ -112,7 +117,7 @@ def predict(
     calibration = prediction_settings(session.checkpoint.calibration if session.checkpoint else None, coverage,
                                       str(checkpoint))
     counts, stopped = _run(session, calibration, all_paths, fmt, output, skip_existing, batch_size, workers,
-                           reporter, fast, face_crops(face_mode, _margin(face_margin, session)))
+                           reporter, fast, face_crops(face_mode, _margin(face_margin, session)), precision)
     if isinstance(stopped, RuntimeError):  # a decode worker died (killed for memory?); finished records are kept
         raise NumclipError(f"a decoding worker process died ({stopped}); --workers 0 decodes in the main process")
     if stopped is not None:
@@ -143,7 +148,7 @@ def _default_format(output: Path | None) -> str:
 
 
 def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, workers, reporter, fast=False,
-         crops=None):
+         crops=None, precision=None):
     """Stream records into the chosen sink; an interrupt keeps every complete record and is returned."""
     import contextlib
 
@@ -162,7 +167,7 @@ def _run(session, calibration, paths, fmt, output, skip_existing, batch_size, wo
 
     temperature, conformal = calibration
     predictor = Predictor(session.model, next(session.model.parameters()).device, temperature, conformal, fast,
-                          warn=reporter.warn)
+                          warn=reporter.warn, precision=precision)
     ok = failed = 0
     stopped: BaseException | None = None
     # the stop handler spans the commit too: a signal then waits until the file is complete

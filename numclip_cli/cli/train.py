@@ -12,6 +12,7 @@ from numclip_cli.cli.common import (
     DeviceOpt,
     ModelOpt,
     OfflineOpt,
+    PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
     Reporter,
@@ -47,7 +48,7 @@ def train(
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs where the LR drops ×0.1, "
                                             "comma-separated.")] = "60",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 autocast on CUDA (ignored on CPU).")] = True,
+    precision: PrecisionOpt = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes.")] = 2,
     out: Annotated[Path, typer.Option("--out", help="Best checkpoint (the resumable last one is written "
                                       "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
@@ -93,9 +94,12 @@ def train(
     except ValueError:
         raise UsageError(f"--milestones {milestones!r}: expected comma-separated epochs") from None
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr, image_lr=image_lr,
-                         tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed, amp=amp,
-                         workers=workers, face_margin=face_margin)
+                         tune_image=tune_image, tune_context=tune_context, milestones=steps, seed=seed,
+                         precision=precision, workers=workers, face_margin=face_margin)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    resolve_precision(precision, dev)  # a bad --precision fails before the backbone loads
     if dev.type == "cuda" and launched_by_torchrun():
         import torch
 

@@ -315,7 +315,7 @@ class _SpeedRun:
         with torch.no_grad(), precision.autocast():
             for start in range(0, len(paths), batch):
                 images = [self.preprocess(_pil_rgb(path)) for path in paths[start : start + batch]]
-                clip.encode_image(precision.images(torch.stack(images).to(self.device)))
+                clip.encode_image(torch.stack(images).to(self.device))
 
     def batch_one(self, paths: Sequence[str]) -> None:
         """(c) cached vs recomputed text features at batch 1: K bin prompts, then M rank prompts (OrdinalCLIP)."""

@@ -3,9 +3,11 @@
 - ``fp32``: everything in float32 (the default on CPU and MPS).
 - ``amp``: float16 autocast (the default on CUDA); training scales the loss with a ``GradScaler``.
 - ``amp_bf16``: bfloat16 autocast (no loss scaling needed: bf16 has float32's exponent range).
-- ``bf16`` / ``fp16``: the backbone's weights are cast, as open_clip's ``convert_weights_to_lp`` does (linear,
-  convolution, attention and projection weights; layer norms and embeddings stay float32), and the images are
-  fed in that dtype. open_clip recommends ``amp`` over ``fp16`` for training; both are offered for parity.
+- ``bf16`` / ``fp16``: the backbone's frozen weights are stored in that dtype, as open_clip's
+  ``convert_weights_to_lp`` casts them (linear, convolution, attention and projection weights; layer norms,
+  embeddings and the logit scale stay float32), and the forward pass autocasts to it. Unlike open_clip's
+  ``fp16``, weights being trained keep float32 master copies: the optimizer's state of fp16 weights underflows
+  (measured: pure fp16 training of numclip-tiny reached NaN within 7 steps). ``fp16`` scales the loss like ``amp``.
 
 Whatever the precision, numclip's own heads and losses run in float32 (``full_precision``): logits are scaled by
 up to 100 before a softmax, and the fine regressor divides by ``1 + Δ``; half precision would lose the ordering
@@ -23,13 +25,14 @@ import torch
 
 from numclip_cli.errors import UsageError
 
-# name → (autocast dtype, weight dtype); ``amp_bfloat16`` is open_clip's other spelling of ``amp_bf16``
-PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
-    "fp32": (None, None),
-    "amp": (torch.float16, None),
-    "amp_bf16": (torch.bfloat16, None),
-    "bf16": (None, torch.bfloat16),
-    "fp16": (None, torch.float16),
+# name → (compute dtype under autocast, whether frozen weights are stored in it); ``amp_bfloat16`` is
+# open_clip's other spelling of ``amp_bf16``
+PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
+    "fp32": (None, False),
+    "amp": (torch.float16, False),
+    "amp_bf16": (torch.bfloat16, False),
+    "bf16": (torch.bfloat16, True),
+    "fp16": (torch.float16, True),
 }
 ALIASES = {"amp_bfloat16": "amp_bf16"}
 
@@ -43,34 +46,35 @@ class Precision:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype (``amp``, ``amp_bf16``), or None when autocast is off."""
+        """The dtype the backbone computes in under autocast, or None (fp32: autocast off)."""
         return PRECISIONS[self.name][0]
 
     @property
     def weight_dtype(self) -> torch.dtype | None:
-        """The dtype the backbone's weights and the input images are cast to (``bf16``, ``fp16``), or None."""
-        return PRECISIONS[self.name][1]
+        """The dtype frozen backbone weights are stored in (``bf16``, ``fp16``), or None (kept as loaded)."""
+        return self.autocast_dtype if PRECISIONS[self.name][1] else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context of a forward pass through the backbone (a no-op for fp32, bf16 and fp16)."""
+        """The autocast context of a forward pass through the backbone (a no-op for fp32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        """A loss scaler, enabled exactly for fp16 autocast (``amp``), whose small gradients would underflow."""
-        return torch.amp.GradScaler(self.device_type, enabled=self.name == "amp")
+        """A loss scaler, enabled exactly for fp16 autocast (``amp``, ``fp16``), whose small gradients underflow."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.autocast_dtype == torch.float16)
 
     def cast_backbone(self, model: Any) -> None:
-        """Cast an open_clip model's weights in place for ``bf16``/``fp16`` (nothing for the other precisions)."""
-        if self.weight_dtype is not None:
-            from open_clip.model import convert_weights_to_lp
+        """``bf16``/``fp16``: store an open_clip model's frozen weights in that dtype, in place; parameters that
+        require gradients keep their float32 data. Nothing for the other precisions."""
+        if self.weight_dtype is None:
+            return
+        from open_clip.model import convert_weights_to_lp
 
-            convert_weights_to_lp(model, dtype=self.weight_dtype)
-
-    def images(self, images: torch.Tensor) -> torch.Tensor:
-        """Input images in the dtype the cast weights expect."""
-        return images if self.weight_dtype is None else images.to(self.weight_dtype)
+        trained = {param: param.data for param in model.parameters() if param.requires_grad}
+        convert_weights_to_lp(model, dtype=self.weight_dtype)
+        for param, data in trained.items():  # the original float32 tensors: no rounding on the way
+            param.data = data
 
 
 def full_precision(device_type: str) -> contextlib.AbstractContextManager:

@@ -165,7 +165,7 @@ class Predictor:
         """Bin probabilities, fine value and readouts for a batch of preprocessed images."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with self.precision.autocast():
-            features = self.model.encode_images(self.precision.images(images))
+            features = self.model.encode_images(images)
         # the head in float32 whatever --precision (numclip_cli.precision says why)
         with full_precision(self.device.type):
             out = self.model.head(features.float(), self.text_features)

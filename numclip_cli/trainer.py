@@ -108,7 +108,7 @@ def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor], precisio
     if "features" in batch:
         return batch["features"]
     with precision.autocast():
-        return model.encode_images(precision.images(batch["images"])).float()
+        return model.encode_images(batch["images"]).float()
 
 
 class GlobalBatchStep(nn.Module):
@@ -148,7 +148,6 @@ class Trainer:
         self.model: OrdinalModel = create_model(config.method, backbone, task)
         if backbone.random_init:
             round_frozen_init(self.model)
-        self.precision.cast_backbone(self.model.clip)
         groups = self.model.trainable_groups()
         if not groups or config.epochs < 1:
             raise UsageError(f"method {config.method!r} has nothing to train" if not groups
@@ -163,6 +162,7 @@ class Trainer:
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
+        self.precision.cast_backbone(self.model.clip)  # bf16/fp16: frozen weights only (see numclip_cli.precision)
         step = GlobalBatchStep(self.model, self.world, self.precision)
         self.step = DistributedDataParallel(step) if self.world.distributed else step
         self.optimizer = torch.optim.RAdam(

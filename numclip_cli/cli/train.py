@@ -104,6 +104,7 @@ def train(
         import torch
 
         dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)  # nccl's collectives and barriers run on the current device
     if world.distributed:
         reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
     from numclip_cli.backbone import load_backbone

@@ -39,6 +39,7 @@ from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, trai
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
 from numclip_cli.errors import CheckpointError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
+from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.model.methods import OrdinalModel, create_model
 from numclip_cli.precision import Precision, full_precision, resolve_precision
 from numclip_cli.tasks import TaskSpec
@@ -136,7 +137,7 @@ class Trainer:
     """Train one method on one backbone and task; report through callbacks (the core prints nothing)."""
 
     def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device,
-                 world: World | None = None) -> None:
+                 world: World | None = None, cache_dir: Path | None = None) -> None:
         self.precision = resolve_precision(config.precision, device)
         config = replace(config, precision=self.precision.name)  # the checkpoint records the one used
         self.backbone, self.task, self.config, self.device = backbone, task, config, device
@@ -159,6 +160,8 @@ class Trainer:
                   and not (name == "context" and not tune_context)}
         self.tunes_image = "visual" in wanted
         self._feature_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self.cache_dir = cache_dir  # on-disk features of a frozen image tower (None: this run's memory only)
+        self.disk_cache: FeatureCache | None = None  # opened on first use: it hashes the image tower's weights
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
@@ -191,7 +194,7 @@ class Trainer:
 
     def _batches(self, samples: Samples, train: bool, epoch: int) -> DataLoader | list[dict[str, torch.Tensor]]:
         """Decoded image batches, or batches of cached image features for methods with a frozen image tower."""
-        if not self.model.frozen_image:
+        if self.tunes_image:
             return self._loader(samples, train, epoch)
         cached = self._features(samples)
         world = self.world if train else World()
@@ -204,28 +207,42 @@ class Trainer:
         return batches
 
     def _features(self, samples: Samples) -> dict[str, torch.Tensor]:
-        """Image-tower features of every readable sample, computed once (no augmentation: the tower is frozen)."""
+        """Image-tower features of every readable sample, computed once per run, and with ``cache_dir`` once per
+        image across runs. A frozen tower trains on the evaluation view (no random crop/flip): deterministic
+        features are what can be computed once and cached (numclip_cli.feature_cache)."""
         key = tuple(samples.paths)
         if key in self._feature_cache:
             return self._feature_cache[key]
         training = self.model.training
         self.model.eval()
-        parts: dict[str, list[torch.Tensor]] = {"features": [], "values": [], "bins": []}
-        skipped = 0
+        transform = face_transform(self.task.faces, self.config.face_margin, self.backbone.preprocess)
         # Plain no-grad tensors even when evaluate() (inference mode) asks first: the cache may later feed the
         # autograd graph of the trained head, which inference tensors cannot.
         with torch.inference_mode(False), torch.no_grad():
-            for batch in self._loader(samples, train=False, epoch=0):
-                skipped += int(batch["skipped"])
-                if "images" in batch:
-                    parts["features"].append(batch_features(self.model, self._on_device(batch), self.precision))
-                    parts["values"].append(batch["values"].to(self.device))
-                    parts["bins"].append(batch["bins"].to(self.device))
-            cache = {name: torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
-                     for name, chunks in parts.items()}
+            found = image_features(samples.paths, transform, self._encode, self._disk_cache(),
+                                   self.config.batch_size, self.config.workers)
         self.model.train(training)
-        self._feature_cache[key] = {**cache, "skipped": torch.tensor(skipped)}
+        kept = sorted(found)
+        values = [samples.values[i] for i in kept]
+        self._feature_cache[key] = {
+            "features": torch.stack([found[i] for i in kept]).to(self.device) if kept
+            else torch.empty(0, device=self.device),
+            "values": torch.tensor(values, dtype=torch.float32, device=self.device),
+            "bins": torch.tensor([self.task.bin_index(v) for v in values], dtype=torch.long, device=self.device),
+            "skipped": torch.tensor(len(samples) - len(kept))}
         return self._feature_cache[key]
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return batch_features(self.model, {"images": images.to(self.device)}, self.precision)
+
+    def _disk_cache(self) -> FeatureCache | None:
+        """The on-disk cache of this run's image tower, preprocessing, face crop and precision (None: off)."""
+        if self.cache_dir is not None and self.disk_cache is None:
+            faces = self.task.faces
+            settings = {"preprocess": self.backbone.preprocess_cfg, "faces": faces, "precision": self.precision.name,
+                        "face_margin": None if faces == "none" else self.config.face_margin}
+            self.disk_cache = FeatureCache.open(self.cache_dir, self.model.clip.visual, self.model.embed_dim, settings)
+        return self.disk_cache
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}

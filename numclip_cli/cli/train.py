@@ -23,6 +23,11 @@ from numclip_cli.cli.common import (
     prepare,
 )
 
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Where image features of a frozen image tower are cached between runs (default: the user "
+                        "cache folder, ~/.cache/numclip/features on Linux).", show_default=False)]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")]
+
 
 @handle_errors
 def train(
@@ -49,6 +54,8 @@ def train(
                                             "comma-separated.")] = "60",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
     precision: PrecisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image decoding processes.")] = 2,
     out: Annotated[Path, typer.Option("--out", help="Best checkpoint (the resumable last one is written "
                                       "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
@@ -113,7 +120,8 @@ def train(
     tag = pretrained or default_pretrained(name)
     if tag == "none":
         reporter.warn(f"--pretrained none: training {name} from random initialisation")
-    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world)
+    trainer = Trainer(load_backbone(name, tag, device=dev, init_seed=seed), spec, config, dev, world,
+                      cache_dir=feature_cache_dir(cache_dir, no_cache))
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -133,6 +141,8 @@ def train(
 
         progress.update(bar, description=f"epoch {trainer.start_epoch + 1}/{epochs}")
         result = trainer.fit(train_set, val_set, out, on_step=on_step, on_epoch=on_epoch)
+    if trainer.disk_cache is not None:
+        reporter.info(cache_summary(trainer.disk_cache))
     summary = {"best_epoch": result.best_epoch, "val": result.best, "baseline_median_mae": result.baseline_mae,
                "checkpoint": str(out), "last": str(last_path(out)), "n_train": len(train_set), "n_val": len(val_set)}
     if not world.is_main:
@@ -140,6 +150,21 @@ def train(
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
+
+
+def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
+    """``--cache-dir`` / ``--no-cache`` → the feature cache's root folder (None: no cache)."""
+    from numclip_cli.feature_cache import default_cache_dir
+
+    return None if no_cache else cache_dir or default_cache_dir()
+
+
+def cache_summary(cache) -> str:
+    """One line on what the feature cache did this run."""
+    damaged = f", {cache.rejected} damaged entr(ies) rebuilt" if cache.rejected else ""
+    off = " (cannot write there: not stored)" if not cache.writable else ""
+    return (f"feature cache {cache.folder}: {cache.hits} image(s) read, {cache.stored} encoded and stored"
+            f"{damaged}{off}")
 
 
 def _has_cuda() -> bool:

@@ -89,6 +89,14 @@ class FeatureCache:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         return cls(Path(root) / key[:32], key, dim)
 
+    @classmethod
+    def for_model(cls, root: str | Path, model: Any, preprocess_cfg: dict[str, Any], faces: str, face_margin: float,
+                  precision: str) -> FeatureCache:
+        """The cache of an ``OrdinalModel``'s image tower fed with these preprocessing, face and precision settings."""
+        settings = {"preprocess": preprocess_cfg, "faces": faces, "precision": precision,
+                    "face_margin": None if faces == "none" else face_margin}
+        return cls.open(root, model.clip.visual, model.embed_dim, settings)
+
     def entry(self, digest: str) -> Path:
         """Where the features of the image whose bytes hash to ``digest`` live."""
         return self.folder / digest[:2] / f"{digest}.safetensors"
@@ -144,12 +152,13 @@ Encode = Callable[[torch.Tensor], torch.Tensor]  # a batch of preprocessed image
 
 
 def image_features(paths: Sequence[str], transform: Callable, encode: Encode, cache: FeatureCache | None,
-                   batch_size: int, workers: int) -> dict[int, torch.Tensor]:
+                   batch_size: int, workers: int) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features (float32, on the CPU) of every readable image by its index in ``paths``: from ``cache`` where it
-    holds them, the rest encoded in batches (and stored). Unreadable images are absent from the result."""
+    holds them, the rest encoded in batches (and stored); and why each other image could not be used."""
     from numclip_cli.predictor import batches
 
     found: dict[int, torch.Tensor] = {}
+    errors: dict[int, str] = {}
     digests: list[str | None] = [None] * len(paths)
     if cache is not None:
         for index, path in enumerate(paths):
@@ -159,6 +168,7 @@ def image_features(paths: Sequence[str], transform: Callable, encode: Encode, ca
                 found[index] = features
     todo = [index for index in range(len(paths)) if index not in found]
     for batch in batches([paths[i] for i in todo], transform, batch_size, workers):
+        errors.update({todo[position]: error for position, error in batch.errors.items()})
         if batch.images is None:
             continue
         encoded = encode(batch.images).float().cpu()
@@ -167,4 +177,4 @@ def image_features(paths: Sequence[str], transform: Callable, encode: Encode, ca
             found[index] = encoded[row]
             if cache is not None and digests[index]:
                 cache.store(digests[index], encoded[row])
-    return found
+    return found, errors

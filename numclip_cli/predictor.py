@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
 from numclip_cli.errors import NumclipError
+from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
 from numclip_cli.precision import full_precision, resolve_precision
@@ -140,7 +141,8 @@ class Predictor:
 
     def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0,
                  conformal: ConformalRule | None = None, fast: bool = False,
-                 warn: Callable[[str], None] = lambda message: None, precision: str | None = None) -> None:
+                 warn: Callable[[str], None] = lambda message: None, precision: str | None = None,
+                 feature_cache: FeatureCache | None = None) -> None:
         self.model = model.eval()
         self.device = device
         self.precision = resolve_precision(precision, device)  # None: amp on CUDA, fp32 elsewhere
@@ -148,6 +150,7 @@ class Predictor:
         self.temperature = temperature
         self.conformal = conformal  # adds an interval and a contiguous bin set to every record
         self.warn = warn
+        self.feature_cache = feature_cache  # image features read from and stored on disk (calibrate)
         self.max_batch: int | None = None  # set when a batch did not fit in device memory
         self.task = model.task
         with torch.inference_mode():
@@ -163,12 +166,21 @@ class Predictor:
     @torch.inference_mode()
     def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Bin probabilities, fine value and readouts for a batch of preprocessed images."""
+        return self.predict_features(self.encode_images(images))
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower features (float32, on the device) of a batch of preprocessed images, in ``precision``."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with self.precision.autocast():
-            features = self.model.encode_images(images)
+            return self.model.encode_images(images).float()
+
+    @torch.inference_mode()
+    def predict_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``predict_images`` from image-tower features (the head only)."""
         # the head in float32 whatever --precision (numclip_cli.precision says why)
         with full_precision(self.device.type):
-            out = self.model.head(features.float(), self.text_features)
+            out = self.model.head(features.to(self.device).float(), self.text_features)
         bin_logits = self.model.bin_logits(out.logits).float()
         probs = (bin_logits / self.temperature).softmax(dim=-1)
         result = {"value": out.value.float(), "probs": probs, "bin_logits": bin_logits,
@@ -185,9 +197,23 @@ class Predictor:
                 crops: Crops | None = None) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
         """Each decoded batch with ``predict_images`` of its readable images (empty when none decoded)."""
         workers = default_workers(len(paths), batch_size, self.device.type) if workers is None else workers
+        if self.feature_cache is not None and crops is None:
+            yield from self._cached_outputs(paths, transform, batch_size, workers)
+            return
         pin = self.device.type == "cuda"
         for batch in batches(paths, transform, batch_size, workers, pin_memory=pin, crops=crops):
             yield batch, (self.predict_fitting(batch.images) if batch.images is not None else {})
+
+    def _cached_outputs(self, paths: Sequence[str], transform: Callable, batch_size: int,
+                        workers: int) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """``outputs`` from the image features ``feature_cache`` holds; the others are encoded first (and stored)."""
+        found, errors = image_features(paths, transform, self.encode_images, self.feature_cache, batch_size, workers)
+        for start in range(0, len(paths), batch_size):
+            indices = list(range(start, min(start + batch_size, len(paths))))
+            ok = [i for i in indices if i in found]
+            batch = Batch(indices, None, {i: errors[i] for i in indices if i not in found},
+                          {i: [{}] for i in ok})
+            yield batch, (self.predict_features(torch.stack([found[i] for i in ok])) if ok else {})
 
     def predict_fitting(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``predict_images`` in slices that fit in device memory: out of memory halves the slice, with a warning."""

@@ -219,8 +219,8 @@ class Trainer:
         # Plain no-grad tensors even when evaluate() (inference mode) asks first: the cache may later feed the
         # autograd graph of the trained head, which inference tensors cannot.
         with torch.inference_mode(False), torch.no_grad():
-            found = image_features(samples.paths, transform, self._encode, self._disk_cache(),
-                                   self.config.batch_size, self.config.workers)
+            found, _ = image_features(samples.paths, transform, self._encode, self._disk_cache(),
+                                      self.config.batch_size, self.config.workers)
         self.model.train(training)
         kept = sorted(found)
         values = [samples.values[i] for i in kept]
@@ -238,10 +238,8 @@ class Trainer:
     def _disk_cache(self) -> FeatureCache | None:
         """The on-disk cache of this run's image tower, preprocessing, face crop and precision (None: off)."""
         if self.cache_dir is not None and self.disk_cache is None:
-            faces = self.task.faces
-            settings = {"preprocess": self.backbone.preprocess_cfg, "faces": faces, "precision": self.precision.name,
-                        "face_margin": None if faces == "none" else self.config.face_margin}
-            self.disk_cache = FeatureCache.open(self.cache_dir, self.model.clip.visual, self.model.embed_dim, settings)
+            self.disk_cache = FeatureCache.for_model(self.cache_dir, self.model, self.backbone.preprocess_cfg,
+                                                     self.task.faces, self.config.face_margin, self.precision.name)
         return self.disk_cache
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

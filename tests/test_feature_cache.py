@@ -137,3 +137,21 @@ def test_cli_train_uses_the_cache_and_no_cache_skips_it(run_cli, samples, tmp_pa
     assert first.exit_code == 0 and f"0 image(s) read, {N} encoded" in first.stderr, first.stderr
     second = run_cli([*common, "--cache-dir", tmp_path / "c", "--lr", "0.1"])
     assert second.exit_code == 0 and f"{N} image(s) read, 0 encoded" in second.stderr, second.stderr
+
+
+def test_cli_calibrate_reads_the_cache_on_a_second_run(run_cli, samples, tmp_path: Path) -> None:
+    import json
+
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "numclip-tiny-dots.safetensors"
+    data = Path(samples.paths[0]).parents[1]
+    reports = []
+    for run in range(2):
+        report = tmp_path / f"report{run}.json"
+        result = run_cli(["calibrate", "--checkpoint", shipped, "--data", data, "--out", tmp_path / "c.safetensors",
+                          "--device", "cpu", "--workers", "0", "--cache-dir", tmp_path / "c", "--json", report])
+        assert result.exit_code == 0, result.stderr
+        read, encoded = (N, 0) if run else (0, N)
+        assert f"{read} image(s) read, {encoded} encoded" in result.stderr, result.stderr
+        reports.append(json.loads(report.read_text()))
+    assert reports[0]["temperature"] == reports[1]["temperature"]
+    assert reports[0]["metrics"] == reports[1]["metrics"]

@@ -21,6 +21,7 @@ from numclip_cli.cli.common import (
     handle_errors,
     prepare,
 )
+from numclip_cli.cli.train import CacheDirOpt, NoCacheOpt, cache_summary, feature_cache_dir
 
 
 @handle_errors
@@ -44,6 +45,8 @@ def calibrate(
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -57,6 +60,7 @@ def calibrate(
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.checkpoint import load_model, write_checkpoint
     from numclip_cli.datasets import load_samples
+    from numclip_cli.feature_cache import FeatureCache
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
@@ -78,7 +82,13 @@ def calibrate(
         reporter.warn(face_warning)
     margin = float(ckpt.train.get("config", {}).get("face_margin", 0.4))
     transform = face_transform(face_mode, margin, backbone.preprocess)
-    held = calibration.collect(Predictor(model, dev, precision=precision), samples, transform, batch_size, workers)
+    root = feature_cache_dir(cache_dir, no_cache)
+    cache = None if root is None else FeatureCache.for_model(root, model, backbone.preprocess_cfg, face_mode, margin,
+                                                             precision)
+    held = calibration.collect(Predictor(model, dev, precision=precision, feature_cache=cache), samples, transform,
+                               batch_size, workers)
+    if cache is not None:
+        reporter.info(cache_summary(cache))
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"))
     for message in result.warnings:

@@ -36,16 +36,21 @@ TENSOR = "features"
 _CHUNK = 1 << 20
 
 
-def default_cache_dir() -> Path:
-    """The user's cache folder for features: ``$XDG_CACHE_HOME/numclip/features`` (``~/.cache/...``) on Linux,
-    ``~/Library/Caches/numclip/features`` on macOS, ``%LOCALAPPDATA%\\numclip\\features`` on Windows."""
+def cache_home() -> Path:
+    """numclip's folder in the user cache: ``$XDG_CACHE_HOME/numclip`` (``~/.cache/numclip``) on Linux,
+    ``~/Library/Caches/numclip`` on macOS, ``%LOCALAPPDATA%\\numclip`` on Windows."""
     if sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     elif os.name == "nt":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "numclip" / "features"
+    return base / "numclip"
+
+
+def default_cache_dir() -> Path:
+    """The default root of the feature cache (``--cache-dir``): ``cache_home() / "features"``."""
+    return cache_home() / "features"
 
 
 def weights_digest(module: torch.nn.Module) -> str:

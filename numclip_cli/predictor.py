@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
-from numclip_cli.errors import NumclipError
+from numclip_cli.errors import NumclipError, UsageError
 from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.model.methods import OrdinalModel
@@ -120,20 +120,13 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     return 1 if cores > 2 else 0
 
 
-def quantize_image_tower(model: OrdinalModel) -> None:
-    """``--fast`` on CPU: int8 dynamic quantisation of the image tower's ``nn.Linear`` layers, in place.
+def fast_image_tower(model: OrdinalModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``--fast`` on the CPU: the image tower as an int8 ONNX Runtime session (numclip_cli.onnx_tower), which
+    needs ``numclip[fast]``; measured in docs/performance.md."""
+    from numclip_cli.onnx_tower import int8_image_tower
 
-    Measured by ``numclip bench`` (README, Performance); bf16 autocast and ``torch.compile`` were measured too and
-    not kept. The attention in-projection of ``nn.MultiheadAttention`` is not an ``nn.Linear`` and stays fp32.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    size = model.clip.visual.preprocess_cfg["size"]
+    return int8_image_tower(model.clip.visual, int(size[0] if isinstance(size, list | tuple) else size))
 
 
 class Predictor:
@@ -156,12 +149,16 @@ class Predictor:
         with torch.inference_mode():
             self.text_features = model.text_features()
         self.memory_format = torch.preserve_format
+        self.image_tower: Callable[[torch.Tensor], torch.Tensor] | None = None  # --fast: replaces clip.visual
         if device.type == "cuda":
             # NHWC lets cuDNN pick its fastest kernels for the patch-embedding convolution
             self.memory_format = torch.channels_last
             self.model.to(memory_format=self.memory_format)
-        elif fast:
-            quantize_image_tower(self.model)
+        elif fast and device.type == "cpu":
+            if self.precision.name != "fp32":
+                raise UsageError(f"--fast runs the image tower in int8: it does not combine with --precision "
+                                 f"{self.precision.name}")
+            self.image_tower = fast_image_tower(self.model)
 
     @torch.inference_mode()
     def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -171,6 +168,8 @@ class Predictor:
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image-tower features (float32, on the device) of a batch of preprocessed images, in ``precision``."""
+        if self.image_tower is not None:
+            return self.image_tower(images).float()
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with self.precision.autocast():
             return self.model.encode_images(images).float()

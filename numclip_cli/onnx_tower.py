@@ -28,6 +28,7 @@ from numclip_cli.feature_cache import cache_home, weights_digest
 
 NEEDS_EXTRA = "--fast needs numclip[fast]: pip install 'numclip[fast]' (onnxruntime and onnx)"
 OPSET = 17
+PER_CHANNEL = False  # one int8 scale per weight matrix (True: per output channel)
 
 
 def fast_available() -> bool:
@@ -68,7 +69,8 @@ def int8_image_tower(visual: torch.nn.Module, image_size: int, cache: Path | Non
     import onnxruntime
 
     threads = torch.get_num_threads()
-    identity = f"{weights_digest(visual)}:{image_size}:{torch.__version__}:{onnxruntime.__version__}:{OPSET}"
+    identity = (f"{weights_digest(visual)}:{image_size}:{torch.__version__}:{onnxruntime.__version__}:{OPSET}:"
+                f"{PER_CHANNEL}")
     name = hashlib.sha256(identity.encode()).hexdigest()[:32] + ".int8.onnx"
     folder = cache if cache is not None else cache_home() / "onnx"
     path = folder / name
@@ -118,7 +120,7 @@ def _export_int8(visual: torch.nn.Module, image_size: int, target: Path) -> None
             torch.onnx.export(visual, (example,), str(fp32), input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET,
                               dynamo=False)
-            quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=PER_CHANNEL)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         logging.disable(logging.NOTSET)

@@ -28,7 +28,10 @@ from numclip_cli.feature_cache import cache_home, weights_digest
 
 NEEDS_EXTRA = "--fast needs numclip[fast]: pip install 'numclip[fast]' (onnxruntime and onnx)"
 OPSET = 17
-PER_CHANNEL = False  # one int8 scale per weight matrix (True: per output channel)
+# One int8 scale per output channel of every weight matrix: on a ViT-B-16 with a trained numclip head it kept the
+# fp32 bin of 88/88 photos where one scale per matrix kept 87/88 (the one changed had a 0.0003 top-2 margin),
+# at the same speed.
+PER_CHANNEL = True
 
 
 def fast_available() -> bool:

@@ -13,7 +13,7 @@ STAMP := $(VENV)/.numclip-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO_CKPT := weights/numclip-tiny-dots.safetensors
 LOWEST_VENV ?= .venv-lowest
 
-.PHONY: venv demo test check test-lowest weights clean
+.PHONY: venv demo test check test-lowest weights clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-lowest:
 	$(LOWEST_VENV)/bin/$(TORCH_INSTALL)
 	$(LOWEST_VENV)/bin/$(PIP) -c $(LOWEST_VENV)/constraints.txt -e '.[test,face]'
 	$(LOWEST_VENV)/bin/pytest -q -m "not slow"
+## gpu-check: on a machine with a CUDA GPU, what CPU-only CI cannot run (each precision trains, channels_last
+## predict, out-of-memory back-off, nccl DDP with 2+ GPUs, ViT-B-16 predict speed and memory); < 10 minutes
+gpu-check: $(STAMP)
+	$(BIN)/pytest tests/test_cuda.py -m cuda -rs -v
 
 ## weights: re-train the shipped demo checkpoint from scratch (CPU, a few minutes)
 weights: $(STAMP)

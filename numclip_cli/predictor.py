@@ -14,10 +14,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from numclip_cli.calibration import ConformalRule
-from numclip_cli.errors import NumclipError, one_line
+from numclip_cli.errors import NumclipError, UsageError, one_line
+from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.images import ImageLoadError, load_rgb
 from numclip_cli.inputs import UnreadableFolder
 from numclip_cli.model.methods import OrdinalModel
+from numclip_cli.precision import full_precision, resolve_precision
 
 # an upright image → its views (the image itself, or face crops) with the fields each adds to its record
 Crops = Callable[[Any], list[tuple[Any, dict[str, Any]]]]
@@ -122,31 +124,13 @@ def default_workers(num_inputs: int, batch_size: int, device_type: str = "cpu") 
     return 1 if cores > 2 else 0
 
 
-def image_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA (open_clip's own inference setting), a no-op elsewhere."""
-    # callers wrap the image tower only: logits scaled by up to 100 need fp32 before the softmax
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+def fast_image_tower(model: OrdinalModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``--fast`` on the CPU: the image tower as an int8 ONNX Runtime session (numclip_cli.onnx_tower), which
+    needs ``numclip[fast]``; measured in docs/performance.md."""
+    from numclip_cli.onnx_tower import int8_image_tower
 
-
-def quantize_image_tower(model: OrdinalModel) -> None:
-    """``--fast`` on CPU: int8 dynamic quantisation of the image tower's ``nn.Linear`` layers, in place.
-
-    Measured by ``numclip bench`` (README, Performance); bf16 autocast and ``torch.compile`` were measured too and
-    not kept. The attention in-projection of ``nn.MultiheadAttention`` is not an ``nn.Linear`` and stays fp32.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao (not a dependency) but still works in torch < 3,
-        # the bound pyproject sets; a torch without it is one line, not a traceback
-        warnings.simplefilter("ignore")
-        try:
-            from torch.ao.quantization import quantize_dynamic
-        except ImportError:
-            raise NumclipError(f"--fast needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
-                               f"does not have: run without --fast") from None
-
-        quantize_dynamic(model.clip.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    size = model.clip.visual.preprocess_cfg["size"]
+    return int8_image_tower(model.clip.visual, int(size[0] if isinstance(size, list | tuple) else size))
 
 
 class Predictor:
@@ -154,31 +138,52 @@ class Predictor:
 
     def __init__(self, model: OrdinalModel, device: torch.device, temperature: float = 1.0,
                  conformal: ConformalRule | None = None, fast: bool = False,
-                 warn: Callable[[str], None] = lambda message: None) -> None:
+                 warn: Callable[[str], None] = lambda message: None, precision: str | None = None,
+                 feature_cache: FeatureCache | None = None) -> None:
         self.model = model.eval()
         self.device = device
+        self.precision = resolve_precision(precision, device)  # None: amp on CUDA, fp32 elsewhere
+        self.precision.cast_backbone(self.model.clip)
         self.temperature = temperature
         self.conformal = conformal  # adds an interval and a contiguous bin set to every record
         self.warn = warn
+        self.feature_cache = feature_cache  # image features read from and stored on disk (calibrate)
         self.max_batch: int | None = None  # set when a batch did not fit in device memory
         self.task = model.task
         with torch.inference_mode():
             self.text_features = model.text_features()
         self.memory_format = torch.preserve_format
+        self.image_tower: Callable[[torch.Tensor], torch.Tensor] | None = None  # --fast: replaces clip.visual
         if device.type == "cuda":
             # NHWC lets cuDNN pick its fastest kernels for the patch-embedding convolution
             self.memory_format = torch.channels_last
             self.model.to(memory_format=self.memory_format)
-        elif fast:
-            quantize_image_tower(self.model)
+        elif fast and device.type == "cpu":
+            if self.precision.name != "fp32":
+                raise UsageError(f"--fast runs the image tower in int8: it does not combine with --precision "
+                                 f"{self.precision.name}")
+            self.image_tower = fast_image_tower(self.model)
 
     @torch.inference_mode()
     def predict_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Bin probabilities, fine value and readouts for a batch of preprocessed images."""
+        return self.predict_features(self.encode_images(images))
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower features (float32, on the device) of a batch of preprocessed images, in ``precision``."""
+        if self.image_tower is not None:
+            return self.image_tower(images).float()
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        with image_autocast(self.device):
-            features = self.model.encode_images(images)
-        out = self.model.head(features, self.text_features)
+        with self.precision.autocast():
+            return self.model.encode_images(images).float()
+
+    @torch.inference_mode()
+    def predict_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``predict_images`` from image-tower features (the head only)."""
+        # the head in float32 whatever --precision (numclip_cli.precision says why)
+        with full_precision(self.device.type):
+            out = self.model.head(features.to(self.device).float(), self.text_features)
         bin_logits = self.model.bin_logits(out.logits).float()
         probs = (bin_logits / self.temperature).softmax(dim=-1)
         result = {"value": out.value.float(), "probs": probs, "bin_logits": bin_logits,
@@ -195,9 +200,23 @@ class Predictor:
                 crops: Crops | None = None) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
         """Each decoded batch with ``predict_images`` of its readable images (empty when none decoded)."""
         workers = default_workers(len(paths), batch_size, self.device.type) if workers is None else workers
+        if self.feature_cache is not None and crops is None:
+            yield from self._cached_outputs(paths, transform, batch_size, workers)
+            return
         pin = self.device.type == "cuda"
         for batch in batches(paths, transform, batch_size, workers, pin_memory=pin, crops=crops):
             yield batch, (self.predict_fitting(batch.images) if batch.images is not None else {})
+
+    def _cached_outputs(self, paths: Sequence[str], transform: Callable, batch_size: int,
+                        workers: int) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """``outputs`` from the image features ``feature_cache`` holds; the others are encoded first (and stored)."""
+        found, errors = image_features(paths, transform, self.encode_images, self.feature_cache, batch_size, workers)
+        for start in range(0, len(paths), batch_size):
+            indices = list(range(start, min(start + batch_size, len(paths))))
+            ok = [i for i in indices if i in found]
+            batch = Batch(indices, None, {i: errors[i] for i in indices if i not in found},
+                          {i: [{}] for i in ok})
+            yield batch, (self.predict_features(torch.stack([found[i] for i in ok])) if ok else {})
 
     def predict_fitting(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``predict_images`` in slices that fit in device memory: out of memory halves the slice, with a warning."""

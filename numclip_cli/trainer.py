@@ -14,7 +14,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, trai
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
+from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.model.methods import OrdinalModel, create_model
+from numclip_cli.precision import Precision, full_precision, resolve_precision
 from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import SELECT_METRICS, TaskSpec
 
@@ -61,7 +63,7 @@ class TrainConfig:
     tune_context: bool | None = None
     milestones: tuple[int, ...] = (60,)  # MultiStep ×0.1, as the reference
     seed: int = 0
-    amp: bool = True  # fp16 autocast on CUDA only; CPU always runs fp32 (bf16 is slower on these CPUs)
+    precision: str | None = None  # --precision (numclip_cli.precision); None: amp on CUDA, fp32 elsewhere
     workers: int = 2
     face_margin: float = DEFAULT_MARGIN  # around the face crop, when the task's ``faces`` is "largest"
 
@@ -102,32 +104,43 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Image features of a batch: cached ones (frozen image tower), or the image tower run on its images."""
-    return batch["features"] if "features" in batch else model.encode_images(batch["images"])
+def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
+    """Image features of a batch: cached ones (frozen image tower), or the image tower run on its images under
+    ``precision`` (float32 out: the heads compute in float32)."""
+    if "features" in batch:
+        return batch["features"]
+    with precision.autocast():
+        return model.encode_images(batch["images"]).float()
 
 
 class GlobalBatchStep(nn.Module):
     """A training forward pass: this rank's images (or cached features) → features gathered over all ranks with
     gradients → the method's head and losses on the global batch (see numclip_cli.distributed)."""
 
-    def __init__(self, model: OrdinalModel, world: World) -> None:
+    def __init__(self, model: OrdinalModel, world: World, precision: Precision) -> None:
         super().__init__()
-        self.model, self.world = model, world
+        self.model, self.world, self.precision = model, world, precision
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses by name for the global batch."""
-        features = batch_features(self.model, batch)
+        features = batch_features(self.model, batch, self.precision)
+        with self.precision.autocast():
+            text = self.model.text_features()
         values, bins = gather(batch["values"], self.world), gather(batch["bins"], self.world)
-        out = self.model.head(gather(features, self.world), self.model.text_features())
-        return self.model.loss(out, values, bins)
+        # The heads and losses compute in float32 whatever --precision: autocast off, float32 inputs
+        # (see numclip_cli.precision for why).
+        with full_precision(self.precision.device_type):
+            out = self.model.head(gather(features, self.world), text.float())
+            return self.model.loss(out, values, bins)
 
 
 class Trainer:
     """Train one method on one backbone and task; report through callbacks (the core prints nothing)."""
 
     def __init__(self, backbone: Backbone, task: TaskSpec, config: TrainConfig, device: torch.device,
-                 world: World | None = None) -> None:
+                 world: World | None = None, cache_dir: Path | None = None) -> None:
+        self.precision = resolve_precision(config.precision, device)
+        config = replace(config, precision=self.precision.name)  # the checkpoint records the one used
         self.backbone, self.task, self.config, self.device = backbone, task, config, device
         self.world = world or World()
         if config.batch_size % self.world.size:
@@ -148,17 +161,19 @@ class Trainer:
                   and not (name == "context" and not tune_context)}
         self.tunes_image = "visual" in wanted
         self._feature_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self.cache_dir = cache_dir  # on-disk features of a frozen image tower (None: this run's memory only)
+        self.disk_cache: FeatureCache | None = None  # opened on first use: it hashes the image tower's weights
         for params in wanted.values():
             for p in params:
                 p.requires_grad_(True)
-        step = GlobalBatchStep(self.model, self.world)
+        self.precision.cast_backbone(self.model.clip)  # bf16/fp16: frozen weights only (see numclip_cli.precision)
+        step = GlobalBatchStep(self.model, self.world, self.precision)
         self.step = DistributedDataParallel(step) if self.world.distributed else step
         self.optimizer = torch.optim.RAdam(
             [{"params": params, "lr": lrs.get(name, config.lr), "name": name} for name, params in wanted.items()],
             betas=(0.9, 0.999), weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.milestones), gamma=0.1)
-        self.use_amp = config.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = self.precision.grad_scaler()
         self.start_epoch = 0
         self.best_score = math.inf  # of the task's ``select`` metric
         self.best_epoch = -1
@@ -180,7 +195,7 @@ class Trainer:
 
     def _batches(self, samples: Samples, train: bool, epoch: int) -> DataLoader | list[dict[str, torch.Tensor]]:
         """Decoded image batches, or batches of cached image features for methods with a frozen image tower."""
-        if not self.model.frozen_image:
+        if self.tunes_image:
             return self._loader(samples, train, epoch)
         cached = self._features(samples)
         world = self.world if train else World()
@@ -193,28 +208,40 @@ class Trainer:
         return batches
 
     def _features(self, samples: Samples) -> dict[str, torch.Tensor]:
-        """Image-tower features of every readable sample, computed once (no augmentation: the tower is frozen)."""
+        """Image-tower features of every readable sample, computed once per run, and with ``cache_dir`` once per
+        image across runs. A frozen tower trains on the evaluation view (no random crop/flip): deterministic
+        features are what can be computed once and cached (numclip_cli.feature_cache)."""
         key = tuple(samples.paths)
         if key in self._feature_cache:
             return self._feature_cache[key]
         training = self.model.training
         self.model.eval()
-        parts: dict[str, list[torch.Tensor]] = {"features": [], "values": [], "bins": []}
-        skipped = 0
+        transform = face_transform(self.task.faces, self.config.face_margin, self.backbone.preprocess)
         # Plain no-grad tensors even when evaluate() (inference mode) asks first: the cache may later feed the
         # autograd graph of the trained head, which inference tensors cannot.
         with torch.inference_mode(False), torch.no_grad():
-            for batch in self._loader(samples, train=False, epoch=0):
-                skipped += int(batch["skipped"])
-                if "images" in batch:
-                    parts["features"].append(self.model.encode_images(batch["images"].to(self.device)).float())
-                    parts["values"].append(batch["values"].to(self.device))
-                    parts["bins"].append(batch["bins"].to(self.device))
-            cache = {name: torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
-                     for name, chunks in parts.items()}
+            found, _ = image_features(samples.paths, transform, self._encode, self._disk_cache(),
+                                      self.config.batch_size, self.config.workers)
         self.model.train(training)
-        self._feature_cache[key] = {**cache, "skipped": torch.tensor(skipped)}
+        kept = sorted(found)
+        values = [samples.values[i] for i in kept]
+        self._feature_cache[key] = {
+            "features": torch.stack([found[i] for i in kept]).to(self.device) if kept
+            else torch.empty(0, device=self.device),
+            "values": torch.tensor(values, dtype=torch.float32, device=self.device),
+            "bins": torch.tensor([self.task.bin_index(v) for v in values], dtype=torch.long, device=self.device),
+            "skipped": torch.tensor(len(samples) - len(kept))}
         return self._feature_cache[key]
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        return batch_features(self.model, {"images": images.to(self.device)}, self.precision)
+
+    def _disk_cache(self) -> FeatureCache | None:
+        """The on-disk cache of this run's image tower, preprocessing, face crop and precision (None: off)."""
+        if self.cache_dir is not None and self.disk_cache is None:
+            self.disk_cache = FeatureCache.for_model(self.cache_dir, self.model, self.backbone.preprocess_cfg,
+                                                     self.task.faces, self.config.face_margin, self.precision.name)
+        return self.disk_cache
 
     def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -233,8 +260,7 @@ class Trainer:
             skipped += int(batch.get("skipped", 0))
             if "values" not in batch:
                 continue
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                loss = self.step(self._on_device(batch))
+            loss = self.step(self._on_device(batch))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
             self.scaler.step(self.optimizer)
@@ -253,7 +279,7 @@ class Trainer:
         for batch in self._batches(samples, train=False, epoch=0):
             if "values" not in batch:
                 continue
-            out = self.model.head(batch_features(self.model, self._on_device(batch)), text)
+            out = self.model.head(batch_features(self.model, self._on_device(batch), self.precision), text)
             values.append(out.value.float().cpu())
             probs.append(self.model.bin_logits(out.logits).float().softmax(-1).cpu())
             if out.value_max is not None:

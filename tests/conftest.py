@@ -29,6 +29,14 @@ def offline_hub() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The feature cache of ``train``/``calibrate`` (``$XDG_CACHE_HOME/numclip``) goes to a temp folder, not ~."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core CI box torch's
     spinning thread pool makes a batch-1 forward pass 100x slower (measured: 0.8 s instead of 5 ms)."""

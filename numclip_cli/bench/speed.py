@@ -14,7 +14,6 @@ hits them alike. On the same generated images, backbone, device and batch size i
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import sys
@@ -35,7 +34,9 @@ from numclip_cli.errors import NumclipError
 from numclip_cli.factory import LoadedModel, create_model_and_transforms
 from numclip_cli.images import load_rgb
 from numclip_cli.model.methods import OrdinalModel, create_model
-from numclip_cli.predictor import Predictor, image_autocast
+from numclip_cli.onnx_tower import fast_available
+from numclip_cli.precision import resolve_precision
+from numclip_cli.predictor import Predictor
 from numclip_cli.synthetic import get_generator, render
 from numclip_cli.tasks import TaskSpec, get_task, task_from_dict
 from numclip_cli.writers import make_writer
@@ -65,6 +66,7 @@ class SpeedConfig:
     cold_repeats: int = 3  # cold-start subprocesses; the median is reported
     fast: bool = True  # also measure ``predict --fast`` on CPU and its same-bin agreement with fp32
     stream: int = 0  # images streamed through predict to measure RSS growth (0: skip)
+    precision: str | None = None  # --precision of predict and of the raw open_clip run (None: the device's default)
 
     @classmethod
     def create(cls, quick: bool = False, **given: Any) -> SpeedConfig:
@@ -171,6 +173,10 @@ class _SpeedRun:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def predictor(self, model: OrdinalModel, kind: type[Predictor] = Predictor, **options: Any) -> Predictor:
+        """A predictor of ``kind`` on the bench's device, in the bench's ``--precision``."""
+        return kind(model, self.device, precision=self.config.precision, **options)
+
     def predict_run(self, predictor: Predictor, batch_size: int) -> Callable[[Sequence[str]], list[int]]:
         """``numclip predict``'s own path: every record built, the bin indices kept."""
         return lambda paths: [r["bin_index"] for r in predictor.records(paths, self.preprocess, batch_size)]
@@ -180,12 +186,15 @@ class _SpeedRun:
         batch, n, warm = self.config.batch_size, len(paths), paths[: self.config.batch_size]
         runs: dict[str, Timed] = {
             "raw": (self._raw_open_clip, paths, warm),
-            "predict": (self.predict_run(Predictor(self.session.model, self.device), batch), paths, warm),
+            "predict": (self.predict_run(self.predictor(self.session.model), batch), paths, warm),
             "decode": (self._decode, paths, warm[:1]),
         }
         fast = self.config.fast and self.device.type == "cpu"
-        if fast:  # on a copy: quantisation replaces the image tower's layers in place
-            fast_predictor = Predictor(copy.deepcopy(self.session.model), self.device, fast=True)
+        if fast and not fast_available():
+            self.say("predict --fast: numclip[fast] (onnxruntime, onnx) is not installed, skipped")
+            fast = False
+        if fast:  # the int8 ONNX Runtime tower stands beside the model's own: no copy needed
+            fast_predictor = self.predictor(self.session.model, fast=True)
             runs["fast"] = (self.predict_run(fast_predictor, batch), paths, warm)
         self.say(f"raw open_clip vs numclip predict{' vs --fast' if fast else ''} vs decoding alone "
                  f"({n} images, batch {batch}, x{self.config.repeats} interleaved)")
@@ -196,7 +205,7 @@ class _SpeedRun:
         rate = self.add("predict", "(b) numclip predict, end to end", n / times["predict"][0], "images/s", batch, n)
         self.add("ratio_predict_raw", "(b)/(a) predict vs raw open_clip", rate / self.raw_rate, "x", batch, n)
         if fast:
-            rate = self.add("predict_fast", "predict --fast (int8 dynamic quantisation)", n / times["fast"][0],
+            rate = self.add("predict_fast", "predict --fast (int8 ONNX Runtime image tower)", n / times["fast"][0],
                             "images/s", batch, n)
             self.add("ratio_fast_raw", "--fast vs (a) raw open_clip", rate / self.raw_rate, "x", batch, n)
             agree = sum(a == b for a, b in zip(times["fast"][1], times["predict"][1], strict=True)) / n
@@ -207,9 +216,10 @@ class _SpeedRun:
             self.preprocess(load_rgb(path))
 
     def _raw_open_clip(self, paths: Sequence[str]) -> None:
-        """What a plain open_clip script does (open_clip's README: no_grad, autocast on CUDA)."""
+        """What a plain open_clip script does (open_clip's README: no_grad, autocast), in predict's precision."""
         clip, batch = self.session.backbone.model, self.config.batch_size
-        with torch.no_grad(), image_autocast(self.device):
+        precision = resolve_precision(self.config.precision, self.device)
+        with torch.no_grad(), precision.autocast():
             for start in range(0, len(paths), batch):
                 images = [self.preprocess(_pil_rgb(path)) for path in paths[start : start + batch]]
                 clip.encode_image(torch.stack(images).to(self.device))
@@ -229,8 +239,8 @@ class _SpeedRun:
         self.add(f"text_tower_{key}", f"text tower alone, {what}", 1000 * seconds, "ms")
         n = len(paths)
         times = self.interleaved({
-            "cached": (self.predict_run(Predictor(model, self.device), 1), paths, paths[:1]),
-            "fresh": (self.predict_run(ReferencePredictor(model, self.device), 1), paths, paths[:1])})
+            "cached": (self.predict_run(self.predictor(model), 1), paths, paths[:1]),
+            "fresh": (self.predict_run(self.predictor(model, ReferencePredictor), 1), paths, paths[:1])})
         cached, fresh = times["cached"][0], times["fresh"][0]
         self.add(f"predict_b1_{key}", f"(b) predict, cached text features, {what}", 1000 * cached / n, "ms/image",
                  1, n)
@@ -252,7 +262,7 @@ class _SpeedRun:
             return
         batch, n, crops = self.config.batch_size, len(paths), FaceCrops("largest")
         self.say(f"numclip predict --faces largest (batch {batch})")
-        predictor = Predictor(self.session.model, self.device)
+        predictor = self.predictor(self.session.model)
         seconds, _ = self.timed(lambda p: list(predictor.records(p, self.preprocess, batch, crops=crops)), paths,
                                 paths[:batch])
         self.add("predict_faces", "(b) numclip predict --faces largest (detect + crop, then predict)", n / seconds,
@@ -279,7 +289,7 @@ class _SpeedRun:
         start = time.perf_counter()
         with open(os.devnull, "w", encoding="utf-8") as sink:
             writer = make_writer("jsonl", sink, task.bin_names, task.unit)
-            for done, record in enumerate(Predictor(self.session.model, self.device).records(
+            for done, record in enumerate(self.predictor(self.session.model).records(
                     paths, self.preprocess, batch), start=1):
                 writer.write(record)
                 if done % batch == 0:

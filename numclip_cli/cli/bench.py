@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from numclip_cli.cli.common import (
     CheckpointOpt,
     DeviceOpt,
     OfflineOpt,
+    PrecisionOpt,
     QuietOpt,
     Reporter,
     VerboseOpt,
@@ -35,6 +37,7 @@ def bench(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32,
+    precision: PrecisionOpt = None,
     images: Annotated[int | None, typer.Option(
         "--images", min=1, help="Images per throughput measurement (default 64; 16 with --quick).",
         show_default=False)] = None,
@@ -102,6 +105,9 @@ def bench(
         shots=_ints("--shots", shots)) if suite in ("accuracy", "all") else None
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    precision = resolve_precision(precision, dev).name  # a bad --precision fails before any measurement
 
     def say(message: str) -> None:
         reporter.info(f"bench: {message}")
@@ -109,6 +115,7 @@ def bench(
     config: dict[str, Any] = {"suite": suite, "quick": quick}
     speed_result = rows = None
     if speed:
+        speed = dataclasses.replace(speed, precision=precision)
         if speed.pretrained == "none" and not speed.checkpoint:
             reporter.warn(f"--pretrained none: {speed.model} is randomly initialised (speed is the same; "
                           f"the --fast agreement is measured on random features)")

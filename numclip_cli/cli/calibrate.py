@@ -12,6 +12,7 @@ from numclip_cli.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
     OfflineOpt,
+    PrecisionOpt,
     QuietOpt,
     Reporter,
     VerboseOpt,
@@ -20,6 +21,7 @@ from numclip_cli.cli.common import (
     handle_errors,
     prepare,
 )
+from numclip_cli.cli.train import CacheDirOpt, NoCacheOpt, cache_summary, feature_cache_dir
 
 
 @handle_errors
@@ -51,6 +53,9 @@ def calibrate(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
+    precision: PrecisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
     device: DeviceOpt = "auto",
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
@@ -67,6 +72,7 @@ def calibrate(
     from numclip_cli.errors import UsageError
     from numclip_cli.evaluation import collect
     from numclip_cli.factory import SHIPPED_CHECKPOINTS, create_model_and_transforms
+    from numclip_cli.feature_cache import FeatureCache
     from numclip_cli.locking import claim_outputs
     from numclip_cli.predictor import Predictor
 
@@ -80,6 +86,9 @@ def calibrate(
         ("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    precision = resolve_precision(precision, dev).name  # a bad --precision fails before the model loads
     loaded = create_model_and_transforms(dev, checkpoint=checkpoint)
     model, ckpt = loaded.model, loaded.checkpoint
     samples = load_samples(data, ckpt.task)
@@ -92,8 +101,15 @@ def calibrate(
     face_mode, face_warning = resolve_mode(None, loaded.preprocess.faces, ONE_VIEW_MODES)
     if face_warning:
         reporter.warn(face_warning)
-    transform = face_transform(face_mode, loaded.preprocess.face_margin, loaded.transform)
-    held = collect(Predictor(model, dev), samples, transform, batch_size, workers)
+    margin = loaded.preprocess.face_margin
+    transform = face_transform(face_mode, margin, loaded.transform)
+    root = feature_cache_dir(cache_dir, no_cache)
+    cache = None if root is None else FeatureCache.for_model(root, model, loaded.preprocess.image, face_mode, margin,
+                                                             precision)
+    held = collect(Predictor(model, dev, precision=precision, feature_cache=cache), samples, transform, batch_size,
+                   workers)
+    if cache is not None:
+        reporter.info(cache_summary(cache))
     result = calibration.calibrate(held, ckpt.task, coverage, ece_bins,
                                    train_data=ckpt.train.get("data", {}).get("train"), holdout=holdout, seed=seed,
                                    conformal=conformal)

@@ -40,6 +40,11 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images p
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on a "
                              "larger CPU, up to 4 feeding a GPU).")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    "--precision", help="fp32, amp (fp16 autocast), amp_bf16 (bf16 autocast), bf16 or fp16 (autocast, frozen "
+                        "weights stored in that dtype), as open_clip names them; heads and losses stay fp32 "
+                        "(default: amp on CUDA, else fp32).",
+    show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More on stderr, tracebacks included.")]
 

@@ -12,6 +12,7 @@ from numclip_cli.cli.common import (
     DeviceOpt,
     ModelOpt,
     OfflineOpt,
+    PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
     Reporter,
@@ -36,6 +37,11 @@ RANDOM_INIT_LR = (3e-3, 1e-3)
 PRETRAINED_LR = (1e-5, 1e-5)
 AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0.1
 FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move in steps of 5 % or more
+
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Where image features of a frozen image tower are cached between runs (default: the user "
+                        "cache folder, ~/.cache/numclip/features on Linux).", show_default=False)]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")]
 
 
 @handle_errors
@@ -73,7 +79,9 @@ def train(
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
                                             "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 autocast on CUDA (ignored on CPU).")] = True,
+    precision: PrecisionOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
     workers: WorkersOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Best checkpoint (the resumable last one is written "
                                       "beside it as *.last.safetensors).")] = Path("numclip.safetensors"),
@@ -97,7 +105,7 @@ def train(
 
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.datasets import few_shot, load_samples, split_validation
-    from numclip_cli.distributed import init_world
+    from numclip_cli.distributed import init_world, launched_by_torchrun
     from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
     from numclip_cli.factory import open_backbone, resolve_device
     from numclip_cli.locking import claim_outputs
@@ -132,6 +140,14 @@ def train(
         reporter.warn(f"only {len(val_set)} validation image(s): their metrics (and the choice of the best epoch) "
                       f"are mostly chance; give --val DATA or a larger --val-split (at least {FEW_VALIDATION})")
     dev = announce_device(device, reporter)
+    from numclip_cli.precision import resolve_precision
+
+    resolve_precision(precision, dev)  # a bad --precision fails before the backbone loads
+    if dev.type == "cuda" and launched_by_torchrun():
+        import torch
+
+        dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)  # nccl's collectives and barriers run on the current device
     if world.distributed:
         reporter.info(f"distributed: {world.size} processes, global batch {batch_size}")
     backbone, notes = open_backbone(model, pretrained, dev, init_seed=seed, for_training=True)
@@ -140,10 +156,10 @@ def train(
     default_lr = RANDOM_INIT_LR if backbone.random_init else PRETRAINED_LR
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr or default_lr[0],
                          image_lr=image_lr or default_lr[1], tune_image=tune_image, tune_context=tune_context,
-                         milestones=steps, seed=seed, amp=amp,
+                         milestones=steps, seed=seed, precision=precision,
                          face_margin=DEFAULT_MARGIN if face_margin is None else face_margin,
                          workers=default_workers(len(train_set), batch_size, dev.type) if workers is None else workers)
-    trainer = Trainer(backbone, spec, config, dev, world)
+    trainer = Trainer(backbone, spec, config, dev, world, cache_dir=feature_cache_dir(cache_dir, no_cache))
     if resume:
         done = trainer.resume_from(last_path(out))
         reporter.info(f"resuming after epoch {done} of {epochs}")
@@ -163,6 +179,8 @@ def train(
 
         progress.update(bar, description=f"epoch {trainer.start_epoch + 1}/{epochs}")
         result = trainer.fit(train_set, val_set, out, on_step=on_step, on_epoch=on_epoch)
+    if trainer.disk_cache is not None:
+        reporter.info(cache_summary(trainer.disk_cache))
     summary = {"best_epoch": result.best_epoch, "val": result.best, "baseline_median_mae": result.baseline_mae,
                "checkpoint": str(out), "last": str(last_path(out)), "n_train": len(train_set), "n_val": len(val_set)}
     if not world.is_main:
@@ -170,6 +188,21 @@ def train(
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
+
+
+def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
+    """``--cache-dir`` / ``--no-cache`` → the feature cache's root folder (None: no cache)."""
+    from numclip_cli.feature_cache import default_cache_dir
+
+    return None if no_cache else cache_dir or default_cache_dir()
+
+
+def cache_summary(cache) -> str:
+    """One line on what the feature cache did this run."""
+    damaged = f", {cache.rejected} damaged entr(ies) rebuilt" if cache.rejected else ""
+    off = " (cannot write there: not stored)" if not cache.writable else ""
+    return (f"feature cache {cache.folder}: {cache.hits} image(s) read, {cache.stored} encoded and stored"
+            f"{damaged}{off}")
 
 
 def parse_milestones(text: str, epochs: int) -> tuple[int, ...]:

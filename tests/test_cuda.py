@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from numclip_cli.checkpoint import load_model, read_checkpoint
+from numclip_cli.checkpoint import read_checkpoint
 from numclip_cli.datasets import load_samples, split_validation
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.precision import PRECISIONS
 from numclip_cli.predictor import Predictor
 from numclip_cli.synthetic import task_spec, write_dataset
@@ -56,23 +57,23 @@ def test_every_precision_trains_numclip_tiny(name: str, dots: Path, tmp_path: Pa
     history = trainer.fit(train, val, out).history
     assert all(math.isfinite(report.train_loss) for report in history), history
     assert math.isfinite(history[-1].val["mae"])
-    model, _, _ = load_model(out)  # on the CPU, in fp32
+    model = create_model_and_transforms(checkpoint=out).model  # on the CPU, in fp32
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_predict_feeds_channels_last_and_keeps_the_cpu_bins(tmp_path: Path) -> None:
     write_dataset("dots", tmp_path, n=100, seed=11)
     paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
-    cpu_model, backbone, _ = load_model(SHIPPED)
-    reference = [r["bin_index"] for r in Predictor(cpu_model, torch.device("cpu")).records(
-        paths, backbone.preprocess, 32, workers=0)]
-    model, _, _ = load_model(SHIPPED, GPU)
+    cpu = create_model_and_transforms(checkpoint=SHIPPED)
+    reference = [r["bin_index"] for r in Predictor(cpu.model, torch.device("cpu")).records(
+        paths, cpu.transform, 32, workers=0)]
+    model = create_model_and_transforms(GPU, checkpoint=SHIPPED).model
     predictor = Predictor(model, GPU)  # the CUDA default: amp
     assert predictor.precision.name == "amp"
     layouts = []
     model.clip.visual.conv1.register_forward_pre_hook(
         lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    got = [r["bin_index"] for r in predictor.records(paths, backbone.preprocess, 32, workers=2)]
+    got = [r["bin_index"] for r in predictor.records(paths, cpu.transform, 32, workers=2)]
     assert layouts and all(layouts)
     assert model.clip.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     agreement = sum(a == b for a, b in zip(reference, got, strict=True)) / len(got)
@@ -80,9 +81,7 @@ def test_predict_feeds_channels_last_and_keeps_the_cpu_bins(tmp_path: Path) -> N
 
 
 def test_a_batch_that_cannot_fit_is_halved_until_it_does() -> None:
-    from numclip_cli.session import open_session
-
-    session = open_session(GPU, model="ViT-B-16", pretrained="none", task="age", method="numclip")
+    session = create_model_and_transforms(GPU, model="ViT-B-16", pretrained="none", task="age", method="numclip")
     warnings: list[str] = []
     predictor = Predictor(session.model, GPU, warn=warnings.append)
     images = torch.rand(1024, 3, 224, 224)  # 616 MB in fp32: more than the 256 MB allowed below

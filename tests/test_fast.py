@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from numclip_cli.checkpoint import load_model
 from numclip_cli.errors import UsageError
+from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.feature_cache import cache_home
 from numclip_cli.onnx_tower import NEEDS_EXTRA, fast_available, int8_image_tower
 from numclip_cli.predictor import Predictor
@@ -22,6 +22,12 @@ pytestmark = pytest.mark.skipif(not fast_available(), reason="numclip[fast] (onn
 
 CPU = torch.device("cpu")
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "numclip-tiny-dots.safetensors"
+
+
+def load_model(path):
+    """The model a checkpoint holds, its backbone and predict's transform."""
+    loaded = create_model_and_transforms(checkpoint=path)
+    return loaded.model, loaded.backbone, loaded.transform
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +40,11 @@ def test_images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 @pytest.mark.slow
 def test_fast_keeps_the_fp32_bins_of_the_shipped_checkpoint(test_images: list[str]) -> None:
-    model, backbone, _ = load_model(SHIPPED)
-    reference = list(Predictor(model, CPU).records(test_images, backbone.preprocess, 32, workers=0))
+    model, _, transform = load_model(SHIPPED)
+    reference = list(Predictor(model, CPU).records(test_images, transform, 32, workers=0))
     fast = Predictor(load_model(SHIPPED)[0], CPU, fast=True)
     assert fast.image_tower is not None  # the int8 session replaced the torch tower
-    got = list(fast.records(test_images, backbone.preprocess, 32, workers=0))
+    got = list(fast.records(test_images, transform, 32, workers=0))
     assert any(a["value"] != b["value"] for a, b in zip(reference, got, strict=True))  # int8 really ran
     assert len({r["bin_index"] for r in reference}) >= 4  # a model that tells bins apart: agreement is not trivial
     agreement = sum(a["bin_index"] == b["bin_index"] for a, b in zip(reference, got, strict=True)) / len(got)

@@ -160,7 +160,7 @@ def image_features(paths: Sequence[str], transform: Callable, encode: Encode, ca
                    batch_size: int, workers: int) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Features (float32, on the CPU) of every readable image by its index in ``paths``: from ``cache`` where it
     holds them, the rest encoded in batches (and stored); and why each other image could not be used."""
-    from numclip_cli.predictor import batches
+    from numclip_cli.decoding import batches
 
     found: dict[int, torch.Tensor] = {}
     errors: dict[int, str] = {}

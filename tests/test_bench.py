@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODEL, one_error_line
 
 from numclip_cli.bench import accuracy, speed
 from numclip_cli.bench.accuracy import AccuracyConfig, run_accuracy_suite
@@ -203,9 +201,3 @@ def test_unknown_method_or_kind_fails_before_any_work(run_cli, monkeypatch, bad:
     with pytest.raises(UsageError, match=bad[1]):
         AccuracyConfig.create(**{bad[0][2:]: [bad[1]]})
 
-
-def test_fast_without_a_quantiser_is_a_one_line_error(run_cli, synthetic_images, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # a torch whose quantiser was removed
-    result = run_cli(["predict", synthetic_images[0], *MODEL, "--fast", "--format", "jsonl"])
-    assert result.exit_code == 1 and result.stdout == ""
-    assert "--fast needs torch.ao.quantization.quantize_dynamic" in one_error_line(result.stderr)

@@ -62,7 +62,7 @@ def test_bad_milestones_are_usage_errors_before_any_work(run_cli, tmp_path: Path
 
 def test_defaults_follow_the_backbone_and_the_epochs(run_cli, fill: Path, tmp_path: Path) -> None:
     from numclip_cli.checkpoint import read_checkpoint
-    from numclip_cli.predictor import default_workers
+    from numclip_cli.decoding import default_workers
 
     out = tmp_path / "m.safetensors"
     args = [a for a in TINY if a not in ("--workers", "0")]

@@ -23,8 +23,8 @@ import torch
 from conftest import TINY, subprocess_env
 from PIL import Image
 
+from numclip_cli.decoding import ImageFiles
 from numclip_cli.images import MAX_ASPECT_RATIO, load_rgb
-from numclip_cli.predictor import ImageFiles
 
 ADDRESS_SPACE = 4 << 30  # torch's import alone maps ~3.5 GB of address space
 # A tiny-model predict run peaks at ~0.95 GB RSS on CPU (measured); the 600000x1 strip before the fix needed

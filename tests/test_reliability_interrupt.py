@@ -20,7 +20,7 @@ import pytest
 from helpers import MODEL, SUBPROCESS_TIMEOUT, TINY, jsonl, one_error_line, write_distinct_pngs
 
 from numclip_cli.cli.common import Terminated, stop_at_safe_points
-from numclip_cli.predictor import ImageFiles
+from numclip_cli.decoding import ImageFiles
 
 MANY = 400  # with --batch-size 8 a run takes 50 batches: a signal always lands mid-run
 

@@ -57,25 +57,28 @@ def root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Once the command has returned (files committed, decode workers stopped) and its output is flushed, the process
+    ends with ``os._exit``: the interpreter's teardown of torch and open_clip took ~1 s of a ~5 s cold
+    ``numclip predict`` (docs/performance.md) and runs nothing of numclip's. From that moment a Ctrl-C or SIGTERM
+    also ends the process at once with the same code: a signal during interpreter shutdown would otherwise print
+    Python's "Exception ignored in ..." traceback.
+    """
     try:
-        app()  # standalone mode: always ends in SystemExit with the command's exit code
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-        _exit_on_signal(code)
-        raise
-
-
-def _exit_on_signal(code: int) -> None:
-    """From here on a Ctrl-C or SIGTERM ends the process at once with ``code``: the command has finished and said
-    what it had to say in one line; a signal during interpreter shutdown would otherwise print Python's
-    "Exception ignored in ..." traceback (or wait for the shutdown to finish)."""
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
 
     def exit_now(signum: int, frame: object) -> None:
         os._exit(code)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, exit_now)
-    for stream in (sys.stdout, sys.stderr):  # os._exit skips this: flush now, with the handlers in place
-        with contextlib.suppress(Exception):
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a reader that went away (BrokenPipe) changes nothing now
             stream.flush()
+    os._exit(code)

@@ -60,7 +60,7 @@ def predict(
     workers: WorkersOpt = None,
     fast: Annotated[bool, typer.Option(
         "--fast", help="CPU: run the image tower as an int8 ONNX Runtime session, ~2x faster on ViT-B-16 (needs "
-                       "numclip\\[fast]; `numclip bench` shows its speed-up and same-bin agreement here).")] = False,
+                       "numclip[fast]; `numclip bench` shows its speed-up and same-bin agreement here).")] = False,
     precision: PrecisionOpt = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", help="I/N: process every N-th input starting at I (N shards cover the input once).")] = None,
@@ -214,8 +214,9 @@ def _sink(output: Path | None, resume_at: int | None):
 def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None,
          precision=None):
     """Stream records into their sink (see ``_sink``); an interrupt keeps every complete record and is returned."""
+    from numclip_cli.decoding import worker_died
     from numclip_cli.errors import one_line
-    from numclip_cli.predictor import Predictor, worker_died
+    from numclip_cli.predictor import Predictor
     from numclip_cli.writers import make_writer
 
     temperature, conformal = calibration

@@ -105,11 +105,11 @@ def train(
 
     from numclip_cli.atomic import atomic_write_bytes
     from numclip_cli.datasets import few_shot, load_samples, split_validation
+    from numclip_cli.decoding import default_workers
     from numclip_cli.distributed import init_world, launched_by_torchrun
     from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
     from numclip_cli.factory import open_backbone, resolve_device
     from numclip_cli.locking import claim_outputs
-    from numclip_cli.predictor import default_workers
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 

@@ -30,6 +30,7 @@ from PIL import Image
 from numclip_cli.backbone import DEFAULT_MODEL, NO_WEIGHTS
 from numclip_cli.bench.report import Figure, SpeedResult
 from numclip_cli.bench.system import current_rss_mb, peak_rss_mb, run_process
+from numclip_cli.coldstart import cold_start_phases
 from numclip_cli.errors import NumclipError
 from numclip_cli.factory import LoadedModel, create_model_and_transforms
 from numclip_cli.images import load_rgb
@@ -317,6 +318,9 @@ class _SpeedRun:
         peak = max(rss for _, _, rss in runs)
         if peak:
             self.add("cold_start_peak_rss", "peak RSS of that predict process", peak, "MB", 1, 1)
+        if self.config.checkpoint:  # where that time goes: imports, model build, first batch, interpreter
+            for phase, seconds in cold_start_phases(self.config.checkpoint, image, str(self.device)).items():
+                self.add(f"cold_start_{phase}", f"cold start phase: {phase.replace('_', ' ')}", seconds, "s", 1, 1)
         self.say("numclip --help")
         help_seconds = statistics.median(run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
         self.add("help", "numclip --help, start to exit", help_seconds, "s")

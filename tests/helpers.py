@@ -34,6 +34,40 @@ RECORD_FIELDS = {"path", "status", "task", "value", "bin", "bin_index", "probs",
 SUBPROCESS_TIMEOUT = 120
 
 
+def ddp_and_single_process_runs(tmp_path: Path, device: str, *options: str) -> tuple[dict, dict, str]:
+    """Train numclip-tiny on a small fill dataset with 2-process DDP (torchrun) and in one process with the same
+    global batch: the last checkpoints' tensors of both, and the DDP run's stdout."""
+    import socket
+    import subprocess
+    import sys
+
+    from numclip_cli.checkpoint import read_checkpoint
+    from numclip_cli.synthetic import write_dataset
+    from numclip_cli.trainer import last_path
+
+    data = tmp_path / "data"
+    write_dataset("fill", data, n=64, seed=1)
+    common = ["--data", str(data), "--model", "numclip-tiny", "--pretrained", "none", "--offline", "--device", device,
+              "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--image-lr", "1e-3", "--tune-context",
+              "--workers", "0", "--seed", "3", "--val-split", "0.25", "-q", *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "numclip_cli", "train", *common, "--out", str(tmp_path / "ddp.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = subprocess.run([str(Path(sys.executable).parent / "numclip"), "train", *common,
+                             "--out", str(tmp_path / "one.safetensors")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a = read_checkpoint(last_path(tmp_path / "ddp.safetensors")).tensors
+    b = read_checkpoint(last_path(tmp_path / "one.safetensors")).tensors
+    assert a.keys() == b.keys()
+    return a, b, ddp.stdout
+
+
 def write_distinct_pngs(folder: Path, count: int, blue: int = 90) -> list[str]:
     """``count`` tiny distinct PNGs in ``folder``; their paths in the order ``predict FOLDER`` visits them."""
     for i in range(count):

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ddp_and_single_process_runs
 
-from numclip_cli.checkpoint import read_checkpoint
 from numclip_cli.datasets import load_samples, split_validation
 from numclip_cli.factory import create_model_and_transforms
 from numclip_cli.precision import PRECISIONS
 from numclip_cli.predictor import Predictor
 from numclip_cli.synthetic import task_spec, write_dataset
-from numclip_cli.trainer import TrainConfig, Trainer, last_path
+from numclip_cli.trainer import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: run `make gpu-check` on a machine with one")]
@@ -97,31 +95,9 @@ def test_a_batch_that_cannot_fit_is_halved_until_it_does() -> None:
     assert warnings and warnings[0].startswith("out of cuda") and "--batch-size" in warnings[0], warnings
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl DDP needs at least 2 GPUs")
 def test_two_process_nccl_training_matches_one_process(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_dataset("fill", data, n=64, seed=1)
-    common = ["--data", str(data), "--model", "numclip-tiny", "--pretrained", "none", "--offline", "--device", "cuda",
-              "--precision", "fp32", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--image-lr", "1e-3",
-              "--tune-context", "--workers", "0", "--seed", "3", "--val-split", "0.25", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "numclip_cli", "train", *common,
-                          "--out", str(tmp_path / "ddp.safetensors")], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    single = subprocess.run([NUMCLIP, "train", *common, "--out", str(tmp_path / "one.safetensors")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    a = read_checkpoint(last_path(tmp_path / "ddp.safetensors")).tensors
-    b = read_checkpoint(last_path(tmp_path / "one.safetensors")).tensors
-    assert a.keys() == b.keys()
+    a, b, _ = ddp_and_single_process_runs(tmp_path, "cuda", "--precision", "fp32")
     for key in a:  # nccl sums in another order than one process, and cuDNN may pick other kernels
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4, msg=key)
 

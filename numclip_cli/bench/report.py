@@ -22,6 +22,7 @@ TRAINED = "trained weights"  # --fast agreement on random features measures near
 TARGETS: dict[str, tuple[str, str]] = {
     "ratio_predict_raw": (">= 0.9", TARGET_MODEL),
     "ratio_fast_raw": (">= 1.8", TARGET_MODEL),
+    "ratio_train_step_raw": ("<= 1.15", TARGET_MODEL),
     "ratio_reference_k": (">= 1.7", TARGET_MODEL),
     "ratio_reference_m": (">= 15", TARGET_MODEL),
     "fast_agreement": (">= 99", TRAINED),
@@ -67,13 +68,14 @@ def applicable_target(key: str, model: dict[str, Any]) -> str | None:
 
 
 def meets(value: float, target: str) -> bool:
-    """Whether ``value`` meets a target written as ``">= X"`` or ``"< X"``.
+    """Whether ``value`` meets a target written as ``">= X"``, ``"<= X"`` or ``"< X"``.
 
-    >>> meets(0.93, ">= 0.9"), meets(0.6, "< 0.5")
-    (True, False)
+    >>> meets(0.93, ">= 0.9"), meets(0.6, "< 0.5"), meets(1.15, "<= 1.15")
+    (True, False, True)
     """
     op, threshold = target.split()
-    return value >= float(threshold) if op == ">=" else value < float(threshold)
+    compare = {">=": float.__ge__, "<=": float.__le__, "<": float.__lt__}[op]
+    return compare(float(value), float(threshold))
 
 
 def judge(speed: SpeedResult, smoke: bool) -> list[Figure]:

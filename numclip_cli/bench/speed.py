@@ -127,6 +127,7 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
             run.stream(paths, Path(folder))
         run.cold_start(paths[0])
         run.memory()
+        run.train_step(paths[: config.batch_size])  # last: it makes the shared image tower trainable
     backbone = session.backbone
     trained = bool(config.checkpoint) or not backbone.random_init
     return SpeedResult({"backbone": backbone.name, "pretrained": backbone.pretrained, "trained": trained,
@@ -324,6 +325,42 @@ class _SpeedRun:
         self.say("numclip --help")
         help_seconds = statistics.median(run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
         self.add("help", "numclip --help, start to exit", help_seconds, "s")
+
+    def train_step(self, paths: Sequence[str]) -> None:
+        """(h) one numclip training step (image tower tuned, RAdam, as ``train``) against a raw open_clip
+        ``encode_image`` forward + backward + RAdam step on the same preprocessed batch."""
+        from numclip_cli.trainer import TrainConfig, Trainer
+
+        task, n = self.session.task, len(paths)
+        images = torch.stack([self.preprocess(_pil_rgb(path)) for path in paths]).to(self.device)
+        values = torch.tensor([task.bins[i % len(task.bins)].representative for i in range(n)], device=self.device)
+        batch = {"images": images, "values": values,
+                 "bins": torch.tensor([i % len(task.bins) for i in range(n)], device=self.device)}
+        trainer = Trainer(self.session.backbone, task, TrainConfig(method="numclip", epochs=1, batch_size=n,
+                                                                   precision=self.config.precision), self.device)
+        trainer.model.train()
+        clip = self.session.backbone.model
+        raw_optimizer = torch.optim.RAdam(clip.visual.parameters())
+
+        def numclip_step(_: Any) -> None:
+            loss = trainer.step(batch)["total"]
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(trainer.optimizer)
+            trainer.scaler.update()
+
+        def raw_step(_: Any) -> None:
+            with trainer.precision.autocast():
+                features = clip.encode_image(images)
+            raw_optimizer.zero_grad(set_to_none=True)
+            features.float().pow(2).mean().backward()
+            raw_optimizer.step()
+
+        self.say(f"training step: numclip vs raw open_clip forward + backward (batch {n}, x{self.config.repeats})")
+        times = self.interleaved({"raw": (raw_step, (), ()), "numclip": (numclip_step, (), ())})  # () : one warm-up
+        raw = self.add("train_step_raw", "raw open_clip forward + backward + RAdam step", times["raw"][0], "s", n, n)
+        step = self.add("train_step", "numclip training step (image tower tuned)", times["numclip"][0], "s", n, n)
+        self.add("ratio_train_step_raw", "numclip training step vs raw open_clip step", step / raw, "x", n, n)
 
     def memory(self) -> None:
         """(f) peak RSS of this bench process and, on CUDA, peak CUDA memory."""

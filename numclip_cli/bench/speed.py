@@ -125,6 +125,7 @@ def run_speed_suite(config: SpeedConfig, device: torch.device, on_progress: Prog
         run.batch_one(paths[: config.latency_images])
         if config.stream:
             run.stream(paths, Path(folder))
+        run.feature_cache(paths[: config.images], Path(folder))
         run.cold_start(paths[0])
         run.memory()
         run.train_step(paths[: config.batch_size])  # last: it makes the shared image tower trainable
@@ -325,6 +326,32 @@ class _SpeedRun:
         self.say("numclip --help")
         help_seconds = statistics.median(run_process([*command, "--help"])[1] for _ in range(_HELP_REPEATS))
         self.add("help", "numclip --help, start to exit", help_seconds, "s")
+
+    def feature_cache(self, paths: Sequence[str], folder: Path) -> None:
+        """(i) what a second ``train --freeze-image`` / linear-probe / ``calibrate`` run on the same images saves:
+        image features encoded and stored (first run) vs read back from the feature cache (second run)."""
+        from numclip_cli.feature_cache import FeatureCache, image_features
+
+        predictor = self.predictor(self.session.model)
+        preprocess = self.session.preprocess
+        batch, n = self.config.batch_size, len(paths)
+        first = second = 0.0
+        for repeat in range(self.config.repeats):  # a fresh cache folder each time: the first run really encodes
+            cache = FeatureCache.for_model(folder / f"cache{repeat}", self.session.model, preprocess.image,
+                                           preprocess.faces, preprocess.face_margin, predictor.precision.name)
+            for which in ("first", "second"):
+                self._sync()
+                start = time.perf_counter()
+                image_features(paths, self.preprocess, predictor.encode_images, cache, batch, workers=0)
+                self._sync()
+                seconds = time.perf_counter() - start
+                first, second = (first + seconds, second) if which == "first" else (first, second + seconds)
+        self.say(f"feature cache: first vs second run over {n} images (x{self.config.repeats})")
+        self.add("cache_first_run", "feature cache, first run (encode + store)", n * self.config.repeats / first,
+                 "images/s", batch, n)
+        self.add("cache_second_run", "feature cache, second run (read back)", n * self.config.repeats / second,
+                 "images/s", batch, n)
+        self.add("ratio_cache_second_first", "feature cache: second run vs first", first / second, "x", batch, n)
 
     def train_step(self, paths: Sequence[str]) -> None:
         """(h) one numclip training step (image tower tuned, RAdam, as ``train``) against a raw open_clip

@@ -13,6 +13,7 @@ import typer
 from numclip_cli import __version__
 from numclip_cli.cli.bench import bench
 from numclip_cli.cli.calibrate import calibrate
+from numclip_cli.cli.common import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 from numclip_cli.cli.predict import predict
 from numclip_cli.cli.synth import synth
 from numclip_cli.cli.tasks import tasks
@@ -65,19 +66,30 @@ def main() -> None:
     also ends the process at once with the same code: a signal during interpreter shutdown would otherwise print
     Python's "Exception ignored in ..." traceback.
     """
-    try:
-        app()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
+    code: int | None = None
+    try:  # a further stop signal may land anywhere once the command has finished: at worst it sets the code
+        try:
+            app()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if not isinstance(exc.code, int | None):
+                print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = EXIT_SIGINT if code is None else code
+    except Terminated:
+        code = EXIT_SIGTERM if code is None else code
 
     def exit_now(signum: int, frame: object) -> None:
         os._exit(code)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, exit_now)
+        while True:  # a signal that lands while the handler is being installed raises here: install it again
+            try:
+                signal.signal(signum, exit_now)
+                break
+            except (KeyboardInterrupt, Terminated):
+                continue
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a reader that went away (BrokenPipe) changes nothing now
             stream.flush()

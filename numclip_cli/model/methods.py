@@ -56,7 +56,6 @@ class OrdinalModel(nn.Module):
     method = "base"
     tunes_prompts = True
     learns_context = False  # the method itself trains the shared context: the trainer's --tune-context default
-    frozen_image = False  # the image tower is never trained, so the trainer computes its features once
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__()
@@ -318,7 +317,6 @@ class LinearProbe(RankModel):
 
     method = "linear-probe"
     tunes_prompts = False
-    frozen_image = True
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__(backbone, task)

@@ -34,6 +34,12 @@ def run_numclip(numclip_bin: Path, args: list[str], tmp_path: Path) -> subproces
                           timeout=TIMEOUT, preexec_fn=limited, stdin=subprocess.DEVNULL)
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that sees this package, bounded in time and memory (no torch: fast)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
+                          preexec_fn=limited, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 def hostile_file(tmp_path: Path, kind: str, name: str, oversize: int) -> Path:
     """A file named ``name`` that is a FIFO with no writer, a link to /dev/zero, a directory, or ``oversize`` bytes."""
     path = tmp_path / name
@@ -101,7 +107,7 @@ def test_oversized_data_list_is_refused_before_reading(run_cli, synthetic_dir: P
 def test_the_reader_refuses_what_could_hang_or_never_end(tmp_path: Path, kind: str) -> None:
     """read_text_file itself, in a child bounded in time and memory (it imports no torch: fast)."""
     path = hostile_file(tmp_path, kind, "list.tsv", 0)
-    code = textwrap.dedent(f"""
+    proc = run_python(f"""
         from numclip_cli.errors import DataError
         from numclip_cli.textfiles import read_text_file
         try:
@@ -109,8 +115,6 @@ def test_the_reader_refuses_what_could_hang_or_never_end(tmp_path: Path, kind: s
         except DataError as exc:
             print(exc)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          preexec_fn=limited, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.stdout.strip() == f"data list {path} {EXPECTED[kind]}", proc.stderr
 
 
@@ -118,7 +122,7 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> Non
     """The stat says regular file, the open finds a FIFO: O_NONBLOCK keeps open from waiting for a writer."""
     fifo = tmp_path / "spec.toml"
     os.mkfifo(fifo)
-    code = textwrap.dedent(f"""
+    proc = run_python(f"""
         import os, stat
         from numclip_cli import textfiles
         from numclip_cli.errors import TaskSpecError
@@ -133,8 +137,6 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> Non
         except TaskSpecError as exc:
             print(exc)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          preexec_fn=limited, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.stdout.strip() == f"task spec {fifo} is a FIFO, not a regular file", proc.stderr
 
 

@@ -10,7 +10,9 @@ import typer
 
 from numclip_cli.cli.common import (
     BatchSizeOpt,
+    CacheDirOpt,
     DeviceOpt,
+    NoCacheOpt,
     OfflineOpt,
     PrecisionOpt,
     QuietOpt,
@@ -18,10 +20,11 @@ from numclip_cli.cli.common import (
     VerboseOpt,
     WorkersOpt,
     announce_device,
+    cache_summary,
+    feature_cache_dir,
     handle_errors,
     prepare,
 )
-from numclip_cli.cli.train import CacheDirOpt, NoCacheOpt, cache_summary, feature_cache_dir
 
 
 @handle_errors

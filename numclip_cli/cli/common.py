@@ -40,6 +40,10 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images p
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on a "
                              "larger CPU, up to 4 feeding a GPU).")]
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Where image features of a frozen image tower are cached between runs (default: the user "
+                        "cache folder, ~/.cache/numclip/features on Linux).", show_default=False)]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")]
 PrecisionOpt = Annotated[str | None, typer.Option(
     "--precision", help="fp32, amp (fp16 autocast), amp_bf16 (bf16 autocast), bf16 or fp16 (autocast, frozen "
                         "weights stored in that dtype), as open_clip names them; heads and losses stay fp32 "
@@ -68,6 +72,21 @@ def fraction(value: float | None) -> float | None:
     if value is not None and not 0 < value < 1:  # False for NaN too
         raise typer.BadParameter(f"{value} is not between 0 and 1 (both excluded)")
     return value
+
+
+def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
+    """``--cache-dir`` / ``--no-cache`` → the feature cache's root folder (None: no cache)."""
+    from numclip_cli.feature_cache import default_cache_dir
+
+    return None if no_cache else cache_dir or default_cache_dir()
+
+
+def cache_summary(cache) -> str:
+    """One line on what the feature cache did this run."""
+    damaged = f", {cache.rejected} damaged entr(ies) rebuilt" if cache.rejected else ""
+    off = " (cannot write there: not stored)" if not cache.writable else ""
+    return (f"feature cache {cache.folder}: {cache.hits} image(s) read, {cache.stored} encoded and stored"
+            f"{damaged}{off}")
 
 
 class Terminated(BaseException):

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from numclip_cli.cli.common import (
+    CacheDirOpt,
     DeviceOpt,
     ModelOpt,
+    NoCacheOpt,
     OfflineOpt,
     PrecisionOpt,
     PretrainedOpt,
@@ -20,6 +22,8 @@ from numclip_cli.cli.common import (
     VerboseOpt,
     WorkersOpt,
     announce_device,
+    cache_summary,
+    feature_cache_dir,
     fraction,
     handle_errors,
     non_negative,
@@ -38,10 +42,6 @@ PRETRAINED_LR = (1e-5, 1e-5)
 AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0.1
 FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move in steps of 5 % or more
 
-CacheDirOpt = Annotated[Path | None, typer.Option(
-    "--cache-dir", help="Where image features of a frozen image tower are cached between runs (default: the user "
-                        "cache folder, ~/.cache/numclip/features on Linux).", show_default=False)]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")]
 
 
 @handle_errors
@@ -188,21 +188,6 @@ def train(
     if metrics_out:
         atomic_write_bytes(metrics_out, (json.dumps(summary, indent=2) + "\n").encode())
     _print_table(summary)
-
-
-def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
-    """``--cache-dir`` / ``--no-cache`` → the feature cache's root folder (None: no cache)."""
-    from numclip_cli.feature_cache import default_cache_dir
-
-    return None if no_cache else cache_dir or default_cache_dir()
-
-
-def cache_summary(cache) -> str:
-    """One line on what the feature cache did this run."""
-    damaged = f", {cache.rejected} damaged entr(ies) rebuilt" if cache.rejected else ""
-    off = " (cannot write there: not stored)" if not cache.writable else ""
-    return (f"feature cache {cache.folder}: {cache.hits} image(s) read, {cache.stored} encoded and stored"
-            f"{damaged}{off}")
 
 
 def parse_milestones(text: str, epochs: int) -> tuple[int, ...]:

@@ -80,13 +80,15 @@ def ordinalclip_kl(logits: Tensor, rank_labels: Tensor, target_scale: float = 10
 
 
 def numclip_loss(
-    logits: Tensor, labels: Tensor, fine_value: Tensor, target_value: Tensor
+    logits: Tensor, labels: Tensor, fine_value: Tensor, target_value: Tensor, with_kl: bool = True
 ) -> dict[str, Tensor]:
-    """NumCLIP objective: CE-FCRC + KL-FCRC + L1 on the fine value, all weight 1 (as the authors state)."""
-    ce = fcrc_ce(logits, labels)
-    kl = fcrc_kl(logits, labels)
-    l1 = F.l1_loss(fine_value, target_value.to(fine_value.dtype))
-    return {"ce": ce, "kl": kl, "l1": l1, "total": ce + kl + l1}
+    """NumCLIP objective: CE-FCRC + KL-FCRC + L1 on the fine value, all weight 1 (as the authors state);
+    ``with_kl=False`` drops the KL-FCRC term (``--method numclip``, see docs/methods.md)."""
+    terms = {"ce": fcrc_ce(logits, labels)}
+    if with_kl:
+        terms["kl"] = fcrc_kl(logits, labels)
+    terms["l1"] = F.l1_loss(fine_value, target_value.to(fine_value.dtype))
+    return {**terms, "total": sum(terms.values())}
 
 
 def ordinal_pairwise_loss(

@@ -55,8 +55,9 @@ class TrainConfig:
     method: str = "numclip"
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 1e-5  # prompt words, context, adapter and fine head (the reference uses 1e-5 everywhere)
+    lr: float = 1e-5  # prompt words and context (the reference uses 1e-5 everywhere)
     image_lr: float = 1e-5  # image tower, when tuned
+    head_lr: float | None = None  # the fine head / classifier ("head" group); None: lr × the method's head_lr_scale
     tune_image: bool = True
     # None: the method's default (trained for coop/ordinalclip/l2rclip; for numclip the task's ``tune_context``,
     # as the reference freezes it for age/decades and trains it for aesthetics)
@@ -154,7 +155,8 @@ class Trainer:
         if not groups or config.epochs < 1:
             raise UsageError(f"method {config.method!r} has nothing to train" if not groups
                              else "--epochs must be at least 1")
-        lrs = {"visual": config.image_lr}
+        lrs = {"visual": config.image_lr,
+               "head": config.head_lr if config.head_lr is not None else config.lr * self.model.head_lr_scale}
         tune_context = self.model.learns_context if config.tune_context is None else config.tune_context
         wanted = {name: params for name, params in groups.items()
                   if not (name == "visual" and not config.tune_image)

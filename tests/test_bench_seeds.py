@@ -60,3 +60,13 @@ def test_bad_seeds_or_shots_fail_before_any_work(option: str, value: list[int]) 
 def test_cli_takes_seeds_and_shots_as_lists(run_cli) -> None:
     result = run_cli(["bench", "--suite", "accuracy", "--shots", "1,x", "--device", "cpu"])
     assert result.exit_code == 2 and "--shots '1,x'" in result.stderr
+
+
+def test_shots_only_runs_the_few_shot_points_alone() -> None:
+    """--shots-only: the median and the K-shot runs, none on the whole training set (those come from another run)."""
+    config = AccuracyConfig.create(kinds=["dots"], methods=["linear-probe"], n_train=30, n_test=10, epochs=1,
+                                   seeds=[0], shots=[1], shots_only=True)
+    rows = run_accuracy_suite(config, torch.device("cpu"))
+    assert [(r["method"], r["shots"]) for r in rows] == [("median", None), ("linear-probe", 1)]
+    with pytest.raises(UsageError, match="--shots-only needs --shots"):
+        AccuracyConfig.create(kinds=["dots"], shots_only=True)

@@ -71,8 +71,7 @@ def numclip_model(own_backbone):
     torch.manual_seed(0)
     model = create_model("numclip", own_backbone, get_task("age")).eval()
     with torch.no_grad():  # move the learnable parts off their init so a load that ignores them shows
-        for p in [model.prompt.context, model.prompt.words, *model.adapter.parameters(),
-                  *model.regressor.parameters()]:
+        for p in [model.prompt.context, model.prompt.words, *model.regressor.parameters()]:
             p.add_(0.01 * torch.randn_like(p))
     return model
 
@@ -136,7 +135,7 @@ def test_file_is_plain_safetensors_with_json_metadata(checkpoint_file: Path, num
     backbone = json.loads(meta["backbone"])
     assert backbone["name"] == "numclip-tiny" and backbone["pretrained"] == "none" and backbone["model_cfg"]
     assert json.loads(meta["train"]) == TRAIN_INFO
-    for key in ("prompt.context", "prompt.words", "adapter.fc.0.weight", "regressor.shift.0.weight"):
+    for key in ("prompt.context", "prompt.words", "regressor.position.weight"):
         assert key in header
     assert any(key.startswith("clip.visual.") for key in header)  # random init: the backbone is stored
     assert not any(key.startswith("prompt.base") or key.startswith("regressor.beta") for key in header)
@@ -203,7 +202,7 @@ def make_broken(kind: str, good: Path, folder: Path) -> Path:
     elif kind == "not-numclip":
         _rewrite(good, path, meta=_meta(good, numclip__format=None))
     elif kind == "wrong-shape":
-        tensors["adapter.fc.0.weight"] = torch.zeros(3, 5)
+        tensors["regressor.position.weight"] = torch.zeros(3, 5)
         _rewrite(good, path, tensors=tensors)
     elif kind == "wrong-backbone-shape":
         tensors["clip.visual.proj"] = torch.zeros(7, 7)
@@ -212,7 +211,7 @@ def make_broken(kind: str, good: Path, folder: Path) -> Path:
         tensors["prompt.ctx"] = tensors.pop("prompt.context")
         _rewrite(good, path, tensors=tensors)
     elif kind == "missing-method-tensor":
-        del tensors["regressor.shift.0.weight"]
+        del tensors["regressor.position.weight"]
         _rewrite(good, path, tensors=tensors)
     elif kind == "missing-backbone-tensor":
         del tensors["clip.visual.proj"]
@@ -239,10 +238,10 @@ BROKEN = {
     "torch-zip": ["not a readable safetensors"],
     "unknown-format": ["'99'", "format"],
     "not-numclip": ["not a numclip checkpoint"],
-    "wrong-shape": ["'adapter.fc.0.weight'", "(3, 5)"],
+    "wrong-shape": ["'regressor.position.weight'", "(3, 5)"],
     "wrong-backbone-shape": ["'clip.visual.proj'", "(7, 7)"],
     "renamed": ["'prompt.ctx'"],
-    "missing-method-tensor": ["regressor.shift.0.weight"],
+    "missing-method-tensor": ["regressor.position.weight"],
     "missing-backbone-tensor": ["clip.visual.proj"],
     "bad-task": ["'prompt'"],
     "bad-json": ["metadata"],
@@ -332,3 +331,21 @@ def test_a_checkpoint_or_weights_that_is_not_a_file_says_what_it_is(kind: str, w
         result = run_cli(["predict", synthetic_images[0], *args])
     assert result.exit_code == 1, result.stderr
     assert words in result.stderr and str(path) in result.stderr and "not found" not in result.stderr
+
+
+def test_format_1_numclip_reads_as_the_reference_design(tmp_path: Path, tiny_backbone, images) -> None:
+    """Format 1 called the reference NumCLIP design (adapter + SSR head) "numclip": such a file loads as
+    ``numclip-ssr`` and predicts what it predicted; a format-2 "numclip" is the position-head design."""
+    ssr = create_model("numclip-ssr", tiny_backbone, get_task("age")).eval()
+    current = save_model(tmp_path / "v2.safetensors", ssr, tiny_backbone, method="numclip-ssr")
+    tensors = load_file(str(current))
+    with safe_open(str(current), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={**meta, FORMAT_KEY: "1", "method": "numclip"})
+    model, _, checkpoint = load_model(old)
+    assert checkpoint.method == "numclip-ssr" and model.method == "numclip-ssr"
+    torch.testing.assert_close(outputs(model, images).value, outputs(ssr, images).value)
+    save_file(tensors, str(old), metadata={**meta, "method": "numclip"})  # format 2: another design's tensors
+    with pytest.raises(CheckpointError, match="'adapter.fc.0.weight' does not belong to this model"):
+        load_model(old)

@@ -69,7 +69,8 @@ def test_defaults_follow_the_backbone_and_the_epochs(run_cli, fill: Path, tmp_pa
     result = run_cli(["train", "--data", fill, *args, "--epochs", "2", "--out", out])
     assert result.exit_code == 0, result.output
     config = read_checkpoint(out).train["config"]
-    assert (config["lr"], config["image_lr"]) == (3e-3, 1e-3)  # random init: the values the demo was trained with
+    # random init: the values the demo was trained with; numclip's head at 10× --lr unless --head-lr says
+    assert (config["lr"], config["image_lr"], config["head_lr"]) == (3e-3, 3e-3, None)
     assert list(config["milestones"]) == [1, 2]  # auto: after 60 % and 85 % of 2 epochs
     assert config["workers"] == default_workers(36, 32, "cpu")
     # 4 validation images: said, with what to do about it
@@ -106,3 +107,14 @@ def test_bad_labels_are_reported_once_per_problem_with_an_example_and_a_count(ru
     assert lines[0].count("'lots'") == 1 and lines[0].count("outside the task range") == 1
     assert f"{data / 'lots' / '00.png'}: label 'lots'" in lines[0] and "(and 29 more like it)" in lines[0]
     assert "31 problem(s)" in lines[0]
+
+
+def test_head_lr_is_stored_and_range_checked(run_cli, fill: Path, tmp_path: Path) -> None:
+    from numclip_cli.checkpoint import read_checkpoint
+
+    bad = run_cli(["train", "--data", tmp_path / "missing", *TINY, "--head-lr", "0"])
+    assert bad.exit_code == 2 and "--head-lr" in bad.stderr
+    out = tmp_path / "m.safetensors"
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--head-lr", "0.02", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(out).train["config"]["head_lr"] == 0.02

@@ -12,7 +12,7 @@ from torch import nn
 
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
-from numclip_cli.model.heads import FineRegressor
+from numclip_cli.model.heads import FineRegressor, PositionRegressor
 from numclip_cli.model.methods import METHODS, NumClip, create_model
 from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS
 from numclip_cli.synthetic import list_generators, task_spec
@@ -125,16 +125,21 @@ def test_zero_shot_logits_are_scaled_cosine_similarities(tiny_backbone, batch, t
     torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
 
 
+NUMCLIP_METHODS = ["numclip", "numclip-ssr"]
+WIDTH = 16  # image-feature width of the position heads built here
+
+
+@pytest.mark.parametrize("method", NUMCLIP_METHODS)
 @pytest.mark.parametrize("task_name", list_tasks())
-def test_fine_regressor_starts_as_probability_weighted_representatives(tiny_backbone, batch, task_name: str) -> None:
-    """Δ ≈ 0 at init, so ŷ = Σ p_k · representative_k: the value each bin's label stands for."""
+def test_fine_head_starts_as_probability_weighted_representatives(tiny_backbone, batch, task_name: str,
+                                                                  method: str) -> None:
+    """Δ ≈ 0 (SSR head) or t ≈ 0 (position head) at init, so ŷ = Σ p_k · representative_k: the value each bin's
+    label stands for."""
     task = get_task(task_name)
-    model = create_model("numclip", tiny_backbone, task)
+    model = create_model(method, tiny_backbone, task)
     with torch.no_grad():
         out = model(batch)
-        delta = model.regressor.delta(out.logits)
     expected = out.logits.softmax(-1) @ torch.tensor(task.representatives())
-    assert delta.abs().max() < 1e-3
     torch.testing.assert_close(out.value, expected, atol=1e-3 * (task.high - task.low), rtol=0)
     assert ((task.low <= out.value) & (out.value <= task.high)).all()
 
@@ -144,27 +149,46 @@ def every_task() -> list[TaskSpec]:
     return [get_task(name) for name in list_tasks()] + [task_spec(kind) for kind in list_generators()]
 
 
+class Head:
+    """Both fine heads behind one interface: ŷ from bin probabilities (B×K) and a head output t ∈ [−1, 1]
+    (B×K; the position head reads its first column, its one position per image)."""
+
+    def __init__(self, kind: str, task: TaskSpec) -> None:
+        self.kind = kind
+        self.module = (FineRegressor(task.extents(), task.representatives()) if kind == "ssr"
+                       else PositionRegressor(WIDTH, task.extents(), task.representatives()))
+
+    def readout(self, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ssr":
+            return self.module.readout(probs, self.module.stretch(t))
+        return self.module.readout(probs, t[:, :1])
+
+
+HEADS = ["ssr", "position"]
+
+
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
-def test_certain_prediction_is_the_bins_representative(tiny_backbone, task: TaskSpec) -> None:
-    """p = one-hot(k), Δ = 0: the fine head, the bin-prompt readout and the label of bin k all say the same."""
-    regressor = FineRegressor(task.extents(), task.representatives())
+def test_certain_prediction_is_the_bins_representative(tiny_backbone, task: TaskSpec, head: str) -> None:
+    """p = one-hot(k), head output 0: the fine head, the bin-prompt readout and the label of bin k all say the same."""
     certain = torch.eye(len(task.bins))
-    values = regressor.readout(certain, torch.zeros_like(certain))
+    values = Head(head, task).readout(certain, torch.zeros_like(certain))
     expected = torch.tensor([task.parse_label(name) for name in task.bin_names])
     torch.testing.assert_close(values, expected, rtol=0, atol=1e-4 * (task.high - task.low))
     zeroshot = create_model("zeroshot", tiny_backbone, task)
     torch.testing.assert_close(certain @ zeroshot.representatives, expected)
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
-def test_fine_head_reaches_every_value_of_the_range_and_moves_bin_zero(task: TaskSpec) -> None:
-    """Certain of bin k, Δ sweeps the anchor over a span inside k's extent; the spans start at the task's low
-    end, end at its high end and follow each other, so mixing neighbours reaches every value in between. Bin 0
+def test_fine_head_reaches_every_value_of_the_range_and_moves_bin_zero(task: TaskSpec, head: str) -> None:
+    """Certain of bin k, the head sweeps the anchor over a span inside k's extent; the spans start at the task's
+    low end, end at its high end and follow each other, so mixing neighbours reaches every value in between. Bin 0
     is not pinned (the reference's β₀ = 0 kept it at low₀ whatever Δ)."""
-    regressor = FineRegressor(task.extents(), task.representatives())
+    fine = Head(head, task)
     certain = torch.eye(len(task.bins))
-    low_end = regressor.readout(certain, regressor.stretch(torch.ones_like(certain)))
-    high_end = regressor.readout(certain, regressor.stretch(-torch.ones_like(certain)))
+    low_end = fine.readout(certain, -torch.ones_like(certain) if head == "position" else torch.ones_like(certain))
+    high_end = fine.readout(certain, torch.ones_like(certain) if head == "position" else -torch.ones_like(certain))
     reps = torch.tensor(task.representatives())
     assert (low_end < high_end).all() and (low_end <= reps).all() and (reps <= high_end).all()
     assert low_end[0].item() == pytest.approx(task.low, abs=1e-4) and high_end[-1].item() == pytest.approx(task.high)
@@ -189,14 +213,15 @@ def confident(draw: st.DrawFn, num_bins: int) -> tuple[int, torch.Tensor, torch.
     return k, probs.float(), t.float()
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(data=st.data())
-def test_confident_prediction_lands_inside_its_bin(task: TaskSpec, data: st.DataObject) -> None:
-    """≥ 0.9 on bin k (the rest on its neighbours), any Δ the head can produce: the value lies in bin k's extent."""
+def test_confident_prediction_lands_inside_its_bin(task: TaskSpec, head: str, data: st.DataObject) -> None:
+    """≥ 0.9 on bin k (the rest on its neighbours), any output the head can produce: the value lies in bin k's
+    extent."""
     k, probs, t = data.draw(confident(len(task.bins)))
-    regressor = FineRegressor(task.extents(), task.representatives())
-    value = regressor.readout(probs[None], regressor.stretch(t)[None]).item()
+    value = Head(head, task).readout(probs[None], t[None]).item()
     start, end = task.extents()[k]
     slack = 1e-5 * (task.high - task.low)  # float32
     assert start - slack <= value <= end + slack, (k, probs, t, value)
@@ -207,28 +232,33 @@ def test_confident_prediction_lands_inside_its_bin(task: TaskSpec, data: st.Data
 @given(logits=st.lists(st.floats(-1e30, 1e30), min_size=5, max_size=5), weight=st.floats(-1e4, 1e4))
 def test_fine_value_is_finite_and_in_range_for_any_logits_and_saturated_shift(task: TaskSpec, logits: list[float],
                                                                                 weight: float) -> None:
-    """Huge logits and a saturated tanh (Δ at its bound, the reference's 0/0 at Δ = −1) give a finite value in
-    the task range."""
-    regressor = FineRegressor(task.extents(), task.representatives())
+    """Huge logits and a saturated tanh (Δ at its bound, the reference's 0/0 at Δ = −1; t at ±1) give a finite
+    value in the task range, from both heads."""
+    ssr = FineRegressor(task.extents(), task.representatives())
+    position = PositionRegressor(WIDTH, task.extents(), task.representatives())
     with torch.no_grad():
-        for layer in regressor.shift:
+        for layer in [*ssr.shift, position.position]:
             if isinstance(layer, nn.Linear):
                 layer.weight.fill_(weight)
                 layer.bias.fill_(-weight)
-        value = regressor(torch.tensor([logits[:len(task.bins)]])).item()
+        row = torch.tensor([logits[:len(task.bins)]])
+        features = nn.functional.normalize(torch.arange(1.0, WIDTH + 1)[None], dim=-1)
+        values = [ssr(row).item(), position(features, row).item()]
     slack = 1e-5 * (task.high - task.low)
-    assert math.isfinite(value) and task.low - slack <= value <= task.high + slack
+    for value in values:
+        assert math.isfinite(value) and task.low - slack <= value <= task.high + slack
 
 
-def test_gradients_reach_prompts_and_heads_but_not_the_frozen_text_tower(tiny_backbone, batch) -> None:
-    model = create_model("numclip", tiny_backbone, get_task("age"))
+@pytest.mark.parametrize("method", NUMCLIP_METHODS)
+def test_gradients_reach_prompts_and_heads_but_not_the_frozen_text_tower(tiny_backbone, batch, method: str) -> None:
+    model = create_model(method, tiny_backbone, get_task("age"))
     out = model(batch)
     (out.value.sum() + out.logits.square().mean()).backward()
     learned = {
         "prompt.context": [model.prompt.context],
         "prompt.words": [model.prompt.words],
-        "adapter": list(model.adapter.parameters()),
         "regressor": list(model.regressor.parameters()),
+        **({"adapter": list(model.adapter.parameters())} if method == "numclip-ssr" else {}),
     }
     for name, params in learned.items():
         assert params, name
@@ -243,6 +273,8 @@ def test_gradients_reach_prompts_and_heads_but_not_the_frozen_text_tower(tiny_ba
         assert not p.requires_grad and p.grad is None
     groups = model.trainable_groups()
     assert groups["context"][0] is model.prompt.context and groups["words"][0] is model.prompt.words
+    assert {id(p) for p in groups["head"]} == {id(p) for name in ("regressor", "adapter") if hasattr(model, name)
+                                               for p in getattr(model, name).parameters()}
 
 
 def test_zero_shot_has_nothing_to_train(tiny_backbone) -> None:
@@ -270,7 +302,7 @@ def test_embedding_width_comes_from_the_backbone(name: str, width: int) -> None:
     task = get_task("age")
     model = create_model("numclip", backbone, task).eval()
     assert model.embed_dim == width
-    assert model.adapter.fc[0].in_features == width
+    assert model.regressor.position.in_features == width
     with torch.no_grad():
         features = model.text_features()
         out = model(images(backbone, n=1), features)

@@ -71,10 +71,10 @@ def _strict(line: str) -> dict:
 
 def test_nan_weights_give_error_records_and_a_failure_exit(run_cli, tiny_backbone, synthetic_images,
                                                            tmp_path: Path) -> None:
-    """A checkpoint whose adapter weights are NaN: strict JSON, one error record per image, exit 1 (all failed)."""
+    """A checkpoint whose fine-head weights are NaN: strict JSON, one error record per image, exit 1 (all failed)."""
     model = create_model("numclip", tiny_backbone, DOTS)
     with torch.no_grad():
-        for parameter in model.adapter.parameters():
+        for parameter in model.regressor.parameters():
             parameter.fill_(math.nan)
     checkpoint = tmp_path / "nan.safetensors"
     write_checkpoint(checkpoint, Checkpoint(tensors=model_tensors(model, tiny_backbone, tuned_image=False),

@@ -81,6 +81,8 @@ def bench(
     shots: Annotated[str | None, typer.Option(
         "--shots", help="Accuracy suite: few-shot curve, comma-separated K (images per rank), e.g. 1,2,4,8,16.",
         show_default=False)] = None,
+    shots_only: Annotated[bool, typer.Option(
+        "--shots-only", help="Accuracy suite: with --shots, skip the runs on the whole training set.")] = False,
     offline: OfflineOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -102,7 +104,7 @@ def bench(
     accuracy = AccuracyConfig.create(
         quick, kinds=_names(kinds) if kinds else None, methods=_names(methods) if methods else None,
         n_train=n_train, n_test=n_test, epochs=epochs, seeds=_ints("--seeds", seeds),
-        shots=_ints("--shots", shots)) if suite in ("accuracy", "all") else None
+        shots=_ints("--shots", shots), shots_only=shots_only or None) if suite in ("accuracy", "all") else None
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     from numclip_cli.precision import resolve_precision

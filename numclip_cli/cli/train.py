@@ -37,7 +37,7 @@ TRAINABLE = [name for name in METHOD_NAMES if name not in UNTRAINED_METHODS]
 # Default learning rates (prompts, adapter and head; image tower). From random init: what the synthetic method
 # comparison and the shipped demo checkpoint were trained with (chosen on validation data); a pretrained CLIP
 # (fine-tuned, so small steps): the NumCLIP reference's recipe.
-RANDOM_INIT_LR = (3e-3, 1e-3)
+RANDOM_INIT_LR = (3e-3, 3e-3)
 PRETRAINED_LR = (1e-5, 1e-5)
 AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0.1
 FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move in steps of 5 % or more
@@ -53,6 +53,7 @@ def train(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     method: Annotated[str, typer.Option("--method", help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
+                                        "numclip-ssr: the same as the NumCLIP reference builds it; "
                                         f"{', '.join(UNTRAINED_METHODS)} needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", callback=fraction, help="Held-out share of --data "
@@ -64,17 +65,20 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training data.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 32,
     lr: Annotated[float | None, typer.Option(
-        "--lr", callback=positive, show_default=False, help="Learning rate of prompts, adapter and fine head "
+        "--lr", callback=positive, show_default=False, help="Learning rate of the prompts "
         f"(> 0; default: {RANDOM_INIT_LR[0]:g} from random init, else {PRETRAINED_LR[0]:g} as the NumCLIP "
         "reference).")] = None,
     image_lr: Annotated[float | None, typer.Option(
         "--image-lr", callback=positive, show_default=False, help="Learning rate of the image tower (> 0; "
         f"default: {RANDOM_INIT_LR[1]:g} from random init, else {PRETRAINED_LR[1]:g}).")] = None,
+    head_lr: Annotated[float | None, typer.Option(
+        "--head-lr", callback=positive, show_default=False, help="Learning rate of the fine head or classifier "
+        "(> 0; default: --lr, ×10 for numclip's position head).")] = None,
     tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
                                              help="Fine-tune the image tower (the reference does).")] = True,
     tune_context: Annotated[bool | None, typer.Option(
         "--tune-context/--freeze-context", help="Train the shared prompt context too (default: on for coop, "
-        "ordinalclip and l2rclip; for numclip the task's tune_context, on for aesthetics only).",
+        "ordinalclip and l2rclip; for numclip and numclip-ssr the task's tune_context, on for aesthetics only).",
         show_default=False)] = None,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
                                             "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",
@@ -155,7 +159,8 @@ def train(
         reporter.warn(note)
     default_lr = RANDOM_INIT_LR if backbone.random_init else PRETRAINED_LR
     config = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=lr or default_lr[0],
-                         image_lr=image_lr or default_lr[1], tune_image=tune_image, tune_context=tune_context,
+                         image_lr=image_lr or default_lr[1], head_lr=head_lr, tune_image=tune_image,
+                         tune_context=tune_context,
                          milestones=steps, seed=seed, precision=precision,
                          face_margin=DEFAULT_MARGIN if face_margin is None else face_margin,
                          workers=default_workers(len(train_set), batch_size, dev.type) if workers is None else workers)

@@ -1,4 +1,13 @@
-"""Heads on top of CLIP features: the image adapter, the coarse classifier and the fine regressor (NumCLIP §3.3)."""
+"""Heads on top of CLIP features: the image adapter, the coarse classifier and the fine regressors (NumCLIP §3.3).
+
+Two fine regressors turn the coarse bin distribution into a number; both move each bin's anchor only inside
+``anchor_spans``, so a confident prediction stays inside its bin:
+
+* ``PositionRegressor`` (``--method numclip``): one position inside the bin, −1 … 1, read from the image
+  features and mapped onto every bin's span; ŷ = Σ_k p_k · anchor_k.
+* ``FineRegressor`` (``--method numclip-ssr``): the reference's SSR-Net head, a per-bin shift Δ computed from
+  the coarse logits alone.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +64,40 @@ def anchor_spans(extents: list[tuple[float, float]], representatives: list[float
         highs.append(end - leak * (highs[-1] - end))
     highs.reverse()
     return [(min(lo, rep), max(hi, rep)) for lo, hi, rep in zip(lows, highs, representatives, strict=True)]
+
+
+class PositionRegressor(nn.Module):
+    """Fine head of ``numclip``: ŷ = Σ_k p_k · (representative_k + stretch_k(t)), t = tanh(w·z + b) ∈ [−1, 1].
+
+    t says where inside its bin the image sits (−1: at the bin's low end, 0: its representative, 1: its high
+    end); each bin maps t onto its own ``anchor_spans`` span. The position is read from the image features z,
+    not from the K coarse logits the SSR head sees, so the L1 term on ŷ trains the image features directly
+    (every image's t gets the whole gradient, whatever its bin probabilities).
+    """
+
+    def __init__(self, dim: int, extents: list[tuple[float, float]], representatives: list[float]) -> None:
+        super().__init__()
+        spans = torch.tensor(anchor_spans(extents, representatives), dtype=torch.float64)
+        reps = torch.tensor(representatives, dtype=torch.float64)
+        self.register_buffer("representatives", reps.float(), persistent=False)
+        self.register_buffer("reach_up", (spans[:, 1] - reps).float(), persistent=False)  # ≥ 0
+        self.register_buffer("reach_down", (reps - spans[:, 0]).float(), persistent=False)  # ≥ 0
+        self.position = nn.Linear(dim, 1)
+        nn.init.normal_(self.position.weight, std=0.001)  # t ≈ 0 at start: the readout begins as Σ p_k rep_k
+        nn.init.zeros_(self.position.bias)
+
+    def anchors(self, t: torch.Tensor) -> torch.Tensor:
+        """Each bin's anchor (B×K) for positions t (B×1) in [−1, 1]."""
+        return self.representatives + t * torch.where(t >= 0, self.reach_up, self.reach_down)
+
+    def readout(self, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ŷ = Σ_k p_k · anchor_k(t), in the task unit."""
+        return (probs * self.anchors(t)).sum(dim=-1)
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Fine value (B,) from normalised image features (B×D) and raw coarse logits (B×K)."""
+        t = torch.tanh(self.position(features.float()))
+        return self.readout(logits.float().softmax(dim=-1), t)
 
 
 class FineRegressor(nn.Module):

@@ -1,7 +1,9 @@
 """Ordinal methods over one CLIP backbone, registered by their ``--method`` name (equations and every departure
 from the papers: docs/methods.md).
 
-- ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, adapter, fine regressor.
+- ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, coarse CE-FCRC, and a
+  fine head that reads where inside its bin the image sits from the image features (the default).
+- ``numclip-ssr``: NumCLIP as the reference builds it — adapter, SSR fine head on the coarse logits, KL-FCRC too.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,
   CE + the cross-modal ordinal pairwise loss. Trained single-stage: prompts, RankFormer and (when tuned) the
   image tower together, not the paper's two stages (prompts on cached image features, then the image tower):
@@ -31,7 +33,7 @@ from torch import nn
 from numclip_cli.backbone import Backbone
 from numclip_cli.errors import TaskSpecError, UsageError
 from numclip_cli.losses import numclip_loss, ordinal_pairwise_loss, ordinalclip_kl
-from numclip_cli.model.heads import Adapter, FineRegressor, coarse_logits
+from numclip_cli.model.heads import Adapter, FineRegressor, PositionRegressor, coarse_logits
 from numclip_cli.model.prompt import PromptEncoder
 from numclip_cli.model.ranks import InterpolatedRanks, RankFormer, base_positions, phrase_embedding
 from numclip_cli.tasks import TaskSpec
@@ -56,6 +58,7 @@ class OrdinalModel(nn.Module):
     method = "base"
     tunes_prompts = True
     learns_context = False  # the method itself trains the shared context: the trainer's --tune-context default
+    head_lr_scale = 1.0  # the "head" group trains at this × --lr unless --head-lr is given
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__()
@@ -161,40 +164,68 @@ class CoOp(BinPrompts):
 
 
 class NumClip(OrdinalModel):
-    """Coarse-to-fine NumCLIP: learnable concept prompts, image adapter, SSR-style fine regressor."""
+    """Coarse-to-fine NumCLIP with the position head: learnable concept prompts, coarse logits trained with
+    CE-FCRC, and a fine value from where inside its bin the image features place the image (``PositionRegressor``).
+    Departs from the reference in three measured ways (docs/methods.md): no image adapter, no KL-FCRC term,
+    and a fine head that reads the image features at ``head_lr_scale``× the prompts' learning rate."""
 
     method = "numclip"
+    head_lr_scale = 10.0
+    with_kl = False
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__(backbone, task)
         self.prompt = PromptEncoder(self.clip, backbone.tokenizer, task.prompt, task.bin_names)
-        self.adapter = Adapter(self.embed_dim)
         # The reference freezes the context for age and decades and trains it for aesthetics: the task says which.
         self.learns_context = task.tune_context
-        self.regressor = FineRegressor(task.extents(), task.representatives())
+        self.build_heads(task)
+
+    def build_heads(self, task: TaskSpec) -> None:
+        """The parts between the image features and the value."""
+        self.regressor = PositionRegressor(self.embed_dim, task.extents(), task.representatives())
 
     def text_features(self) -> torch.Tensor:
         """Text features of the learned concept prompts."""
         return self.prompt(self.clip)
 
     def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
-        """Coarse logits over bins and the fine value from them."""
-        z = self.adapter(features.float())
+        """Coarse logits over bins and the fine value from them and the image features."""
+        z = nn.functional.normalize(features.float(), dim=-1)
         logits = coarse_logits(z, text_features, self.logit_scale)
-        return Output(logits=logits, value=self.regressor(logits))
+        return Output(logits=logits, value=self.regressor(z, logits))
 
     def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CE-FCRC + KL-FCRC + L1 on the fine value (all weight 1, as the NumCLIP authors state)."""
-        return numclip_loss(out.logits, bins, out.value, values)
+        """CE-FCRC (+ KL-FCRC for the reference head) + L1 on the fine value, all weight 1."""
+        return numclip_loss(out.logits, bins, out.value, values, with_kl=self.with_kl)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """context, words, adapter + fine head, image tower."""
+        """context, words, fine head (with the adapter, when there is one), image tower."""
         return {
             "context": [self.prompt.context],
             "words": [self.prompt.words],
-            "head": [*self.adapter.parameters(), *self.regressor.parameters()],
+            "head": [p for name, p in self.named_parameters() if name.startswith(("adapter.", "regressor."))],
             **super().trainable_groups(),
         }
+
+
+class NumClipSSR(NumClip):
+    """NumCLIP as the reference builds it: image adapter, SSR-style fine head on the coarse logits, CE-FCRC +
+    KL-FCRC + L1, the head at the prompts' learning rate."""
+
+    method = "numclip-ssr"
+    head_lr_scale = 1.0
+    with_kl = True
+
+    def build_heads(self, task: TaskSpec) -> None:
+        """CLIP-Adapter on the image features, SSR fine head on the coarse logits."""
+        self.adapter = Adapter(self.embed_dim)
+        self.regressor = FineRegressor(task.extents(), task.representatives())
+
+    def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
+        """Coarse logits over bins from the adapted features and the fine value from the logits alone."""
+        z = self.adapter(features.float())
+        logits = coarse_logits(z, text_features, self.logit_scale)
+        return Output(logits=logits, value=self.regressor(logits))
 
 
 class RankModel(OrdinalModel):
@@ -349,7 +380,7 @@ class LinearProbe(RankModel):
 
 
 METHODS: dict[str, type[OrdinalModel]] = {
-    cls.method: cls for cls in (NumClip, L2RClip, OrdinalClip, CoOp, ZeroShot, LinearProbe)
+    cls.method: cls for cls in (NumClip, NumClipSSR, L2RClip, OrdinalClip, CoOp, ZeroShot, LinearProbe)
 }
 
 

@@ -55,7 +55,7 @@ gpu-check: $(STAMP)
 weights: $(STAMP)
 	$(BIN)/numclip synth dots --out runs/dots-train --n 1500 --seed 0 --quiet
 	$(BIN)/numclip train --data runs/dots-train --task runs/dots-train/task.toml --model numclip-tiny \
-		--pretrained none --tune-image --tune-context --epochs 12 --milestones 9 --batch-size 32 --lr 3e-3 --image-lr 3e-3 \
+		--pretrained none --tune-image --tune-context --epochs 12 --milestones 9 --batch-size 32 --lr 3e-3 --image-lr 1e-3 \
 		--val-split 0.1 --seed 0 --offline --out $(DEMO_CKPT) --metrics-out weights/numclip-tiny-dots.metrics.json
 
 clean:

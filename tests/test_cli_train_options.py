@@ -69,7 +69,7 @@ def test_defaults_follow_the_backbone_and_the_epochs(run_cli, fill: Path, tmp_pa
     result = run_cli(["train", "--data", fill, *args, "--epochs", "2", "--out", out])
     assert result.exit_code == 0, result.output
     config = read_checkpoint(out).train["config"]
-    # random init: the values the demo was trained with; numclip's head at 10× --lr unless --head-lr says
+    # random init: the method comparison's rates; numclip's head at 10× --lr unless --head-lr says
     assert (config["lr"], config["image_lr"], config["head_lr"]) == (3e-3, 3e-3, None)
     assert list(config["milestones"]) == [1, 2]  # auto: after 60 % and 85 % of 2 epochs
     assert config["workers"] == default_workers(36, 32, "cpu")

@@ -34,9 +34,9 @@ from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS, task_choices
 
 TRAINABLE = [name for name in METHOD_NAMES if name not in UNTRAINED_METHODS]
 
-# Default learning rates (prompts, adapter and head; image tower). From random init: what the synthetic method
-# comparison and the shipped demo checkpoint were trained with (chosen on validation data); a pretrained CLIP
-# (fine-tuned, so small steps): the NumCLIP reference's recipe.
+# Default learning rates (prompts; image tower). From random init: what the synthetic method comparison trains
+# with (chosen on development seeds, docs/methods.md §9; the shipped demo uses image lr 1e-3 for --fast's int8
+# agreement); a pretrained CLIP (fine-tuned, so small steps): the NumCLIP reference's recipe.
 RANDOM_INIT_LR = (3e-3, 3e-3)
 PRETRAINED_LR = (1e-5, 1e-5)
 AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0.1

@@ -29,9 +29,9 @@ from numclip_cli.tasks import TaskSpec, task_from_dict
 
 FORMAT_KEY = "numclip.format"
 FORMAT_VERSION = 2
-# Format 1 (numclip 0.1) named the reference NumCLIP design "numclip"; format 2 calls it "numclip-ssr"
-# and "numclip" is the position-head design. Format 1 files are read with their method renamed.
-RENAMED_IN_FORMAT_2 = {"numclip": "numclip-ssr"}
+# Every format this numclip reads, with the method names that changed since: format 1 (numclip 0.1) named the
+# reference NumCLIP design "numclip"; format 2 calls it "numclip-ssr" and "numclip" is the position-head design.
+METHOD_RENAMES = {"1": {"numclip": "numclip-ssr"}, str(FORMAT_VERSION): {}}
 _JSON_FIELDS = ("task", "backbone", "preprocess", "train", "calibration", "resume")
 OPTIM_PREFIX = "optim."
 BACKBONE_PREFIX = "clip."
@@ -76,15 +76,14 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                               f"{one_line(exc)})") from None
     if FORMAT_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file but not a numclip checkpoint (no {FORMAT_KEY!r})")
-    if meta[FORMAT_KEY] not in ("1", str(FORMAT_VERSION)):
+    if meta[FORMAT_KEY] not in METHOD_RENAMES:
         raise CheckpointError(f"{path}: numclip checkpoint format {meta[FORMAT_KEY]!r} is not supported "
-                              f"(this numclip reads format {FORMAT_VERSION}); upgrade numclip")
+                              f"(this numclip reads formats {', '.join(METHOD_RENAMES)}); upgrade numclip")
     try:
         fields = {name: json.loads(meta[name]) for name in _JSON_FIELDS if name in meta}
         task = task_from_dict(fields["task"], source=f"{path}: task")
         method, backbone = meta["method"], fields["backbone"]
-        if meta[FORMAT_KEY] == "1":
-            method = RENAMED_IN_FORMAT_2.get(method, method)
+        method = METHOD_RENAMES[meta[FORMAT_KEY]].get(method, method)
         if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
                 and isinstance(backbone.get("pretrained"), str)):
             raise KeyError("backbone name/pretrained")

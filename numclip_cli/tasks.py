@@ -35,6 +35,7 @@ from numclip_cli.textfiles import MAX_TASK_SPEC_BYTES, read_text_file
 RANK_MODES = ("integers", "bins")
 SELECT_METRICS = ("mae", "mae_levels")  # checkpoint selection: lower is better for both
 _MAX_INTEGER_RANKS = 1000
+_MAX_BINS = 1000  # each bin is a prompt through the text tower (and a column of every loss): bound the work
 _MAX_CS_AT = 8
 
 
@@ -172,8 +173,8 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
         raise TaskSpecError(f"{source}: field 'select' must be one of {list(SELECT_METRICS)}, got {select!r}")
     cs_at = _tolerances(data.get("cs_at", [1.0]), source)
     raw_bins = data.get("bins")
-    if not isinstance(raw_bins, list) or len(raw_bins) < 2:
-        raise TaskSpecError(f"{source}: field 'bins' must be a list of at least 2 bins")
+    if not isinstance(raw_bins, list) or not 2 <= len(raw_bins) <= _MAX_BINS:
+        raise TaskSpecError(f"{source}: field 'bins' must be a list of 2 to {_MAX_BINS} bins")
     bins = tuple(_bin(raw, f"{source}: bins[{i}]") for i, raw in enumerate(raw_bins))
     _check_order(bins, source)
     task = TaskSpec(name=name, unit=unit, prompt=prompt, bins=bins, ranks=ranks, faces=faces,

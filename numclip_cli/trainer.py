@@ -90,6 +90,13 @@ class TrainResult:
     baseline_mae: float = math.nan
 
 
+_DIVERGED_HINT = "a smaller --lr or --image-lr may help"
+
+
+class Diverged(NumclipError):
+    """The training loss stopped being a finite number (raised before that step changes any weight)."""
+
+
 def last_path(out: Path) -> Path:
     """Where the resumable ``last`` checkpoint lives beside the ``best`` one."""
     return out.with_name(out.name.removesuffix(".safetensors") + ".last.safetensors")
@@ -263,12 +270,15 @@ class Trainer:
             if "values" not in batch:
                 continue
             loss = self.step(self._on_device(batch))
+            value = float(loss["total"].detach())  # the global batch's loss: the same on every rank
+            if not math.isfinite(value):
+                raise Diverged(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss["total"]).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            losses.append(float(loss["total"].detach()))  # the global batch's loss: the same on every rank
-            on_step(step + 1, len(loader), losses[-1])
+            losses.append(value)
+            on_step(step + 1, len(loader), value)
         self.scheduler.step()
         return (statistics.fmean(losses) if losses else math.nan), skipped
 
@@ -300,7 +310,13 @@ class Trainer:
         history = list(self.history)
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
-            loss, skipped = self.train_epoch(train, epoch, on_step)
+            try:
+                loss, skipped = self.train_epoch(train, epoch, on_step)
+            except Diverged as err:
+                kept = (f"{out} keeps epoch {self.best_epoch}, the best so far, and {last_path(out)} epoch {epoch}"
+                        if self.best_epoch >= 1 else f"{out} was not written")
+                raise NumclipError(f"{err}; training stopped before that step changed the weights: {kept} "
+                                   f"({_DIVERGED_HINT})") from None
             skipped = round(mean_across(skipped, self.world) * self.world.size)
             report = EpochReport(epoch + 1, loss, self.evaluate(val), skipped, time.perf_counter() - started)
             history.append(report)
@@ -316,7 +332,7 @@ class Trainer:
         if self.best_epoch < 1:  # only an improving epoch writes ``out``: a file there now is another run's
             last = f" (last epoch: train loss {history[-1].train_loss:.4g})" if history else ""
             raise NumclipError(f"no epoch reached a finite validation {self.task.select}{last}; {out} was not written "
-                               f"(a smaller --lr or --image-lr may help)")
+                               f"({_DIVERGED_HINT})")
         best = read_checkpoint(out).train.get("metrics", {})
         return TrainResult(self.best_epoch, best, history, baseline)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,38 @@ def test_a_run_without_a_finite_validation_score_says_so_and_keeps_the_old_file(
     assert out.read_bytes() == b"an earlier run's checkpoint"
     assert result.stdout == ""  # no metrics table: neither this run's nor the old file's
     assert "best epoch -1" not in result.output and "→" not in result.output
+
+
+def test_a_loss_that_turns_nan_stops_the_run_before_it_touches_the_saved_epochs(run_cli, fill: Path, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    from numclip_cli.checkpoint import read_checkpoint
+    from numclip_cli.model.methods import NumClip
+    from numclip_cli.trainer import Trainer, last_path
+
+    epoch_now = {}
+    real_epoch, real_loss = Trainer.train_epoch, NumClip.loss
+
+    def train_epoch(self, samples, epoch, on_step):
+        epoch_now["epoch"] = epoch
+        return real_epoch(self, samples, epoch, on_step)
+
+    def loss(self, out, values, bins):
+        losses = real_loss(self, out, values, bins)
+        return {**losses, "total": losses["total"] * math.nan} if epoch_now["epoch"] == 1 else losses
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(NumClip, "loss", loss)
+    out = tmp_path / "model.safetensors"
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "3", "--batch-size", "16", "--out", out])
+    assert result.exit_code == 1, result.output
+    error = " ".join(result.stderr.split())
+    assert "the training loss became nan at epoch 2, step 1" in error and "Traceback" not in error
+    assert f"{out} keeps epoch 1, the best so far, and {last_path(out)} epoch 1" in error
+    for path in (out, last_path(out)):  # both still hold epoch 1's finite weights
+        ckpt = read_checkpoint(path)
+        assert ckpt.train["epoch"] == 1
+        assert all(bool(t.isfinite().all()) for t in ckpt.tensors.values() if t.is_floating_point())
+    assert read_checkpoint(last_path(out)).resume["epoch"] == 1
 
 
 def test_help_shows_defaults_that_fit_the_run(run_cli) -> None:

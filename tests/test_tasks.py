@@ -302,6 +302,18 @@ def test_wide_integer_range_fails_fast_without_memory_blowup() -> None:
     assert proc.returncode == 0 and "TaskSpecError" in proc.stdout and "'ranks'" in proc.stdout, proc.stderr[-500:]
 
 
+@pytest.mark.parametrize("count, ok", [(1000, True), (1001, False)])
+def test_bin_count_is_bounded(count: int, ok: bool) -> None:
+    """Each bin is a prompt through the text tower: a spec (or a checkpoint's copy of one) cannot ask for 10⁶."""
+    data = {"name": "t", "prompt": "{}", "ranks": "bins",
+            "bins": [{"name": f"b{i}", "low": i, "high": i} for i in range(count)]}
+    if ok:
+        assert len(task_from_dict(data).bins) == count
+    else:
+        with pytest.raises(TaskSpecError, match="'bins' must be a list of 2 to 1000 bins"):
+            task_from_dict(data)
+
+
 def test_invalid_toml_syntax(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\nprompt = "a {}\n', encoding="utf-8")

@@ -41,3 +41,15 @@ def one_line(error: BaseException | str, limit: int | None = 200) -> str:
     """
     text = " ".join(str(error).split())[:limit]
     return text or (type(error).__name__ if isinstance(error, BaseException) else "")
+
+
+def visible(text: str) -> str:
+    r"""``text`` with every non-printable character (ESC, CR, BEL, bidi overrides ...) as its Python escape.
+
+    A terminal acts on control characters (an ESC sequence recolours it or rewrites its title, a CR overwrites
+    the line), so a file name must not carry them to the screen.
+
+    >>> visible("a\x1b[31mred\r.png")
+    'a\\x1b[31mred\\r.png'
+    """
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

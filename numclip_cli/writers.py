@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from numclip_cli.atomic import final_path, no_space, remove_stale_temps
-from numclip_cli.errors import NumclipError
+from numclip_cli.errors import NumclipError, visible
 from numclip_cli.inputs import path_from_record, record_path
 
 FORMATS = ("table", "jsonl", "csv")
@@ -121,16 +121,6 @@ class TableWriter(JsonlWriter):
         self.flush()
 
 
-def visible(text: str) -> str:
-    r"""``text`` with every non-printable character (ESC, CR, BEL, bidi overrides ...) as its Python escape.
-
-    A terminal acts on control characters (an ESC sequence recolours it or rewrites its title, a CR overwrites
-    the line), so a file name must not carry them to the screen.
-
-    >>> visible("a\x1b[31mred\r.png")
-    'a\\x1b[31mred\\r.png'
-    """
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -93,3 +93,28 @@ def test_table_escapes_error_reasons_and_bin_names(field: str) -> None:
         record["probs"] = {hostile: 1.0}
     output = table_of([record])
     assert r"[bold]\x1b[2Jwiped" in output and "\x1b[2J" not in output
+
+
+STDERR_NAMES = ["esc\x1b[31mred", "title\x1b]0;pwned\x07", "clear\x1b[2J", "rtl\u202egnp", "cr\roverwrite"]
+
+
+@pytest.mark.parametrize("name", STDERR_NAMES)
+def test_a_path_named_in_an_error_reaches_the_terminal_as_escapes(run_cli, tmp_path: Path, name: str) -> None:
+    from numclip_cli.errors import visible
+
+    result = run_cli(["train", "--data", tmp_path / name, "--model", "numclip-tiny", "--pretrained", "none",
+                      "--offline", "--device", "cpu"])
+    assert result.exit_code != 0
+    assert f"{visible(str(tmp_path / name))}" in result.stderr  # still named, so the user can find it
+    assert not any(ch in result.stderr for ch in "\x1b\x07\r\u202e")
+
+
+@pytest.mark.parametrize("name", STDERR_NAMES)
+def test_status_lines_and_warnings_show_control_characters_as_escapes(capsys, name: str) -> None:
+    from numclip_cli.cli.common import Reporter
+
+    reporter = Reporter()
+    reporter.info(f"reading {name}")
+    reporter.warn(f"skipped {name}")
+    err = capsys.readouterr().err
+    assert not any(ch in err for ch in "\x1b\x07\r\u202e") and err.count("\\") >= 2

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from numclip_cli.errors import NumclipError, one_line, visible
 from numclip_cli.names import task_choices
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -112,14 +113,14 @@ class Reporter:
         return self.console.is_terminal and not self.quiet
 
     def info(self, message: str) -> None:
-        """A normal status line."""
+        """A normal status line (control characters in it, e.g. from a file name, shown as escapes)."""
         if not self.quiet:
-            self.console.print(f"numclip: {message}", markup=False, soft_wrap=True)
+            self.console.print(f"numclip: {visible(message)}", markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        """A warning (shown unless --quiet)."""
+        """A warning (shown unless --quiet), control characters shown as escapes."""
         if not self.quiet:
-            self.console.print(f"numclip: warning: {message}", markup=False, style="yellow", soft_wrap=True)
+            self.console.print(f"numclip: warning: {visible(message)}", markup=False, style="yellow", soft_wrap=True)
 
     def progress(self) -> Any:
         """A rich progress bar on stderr (disabled when stderr is not a terminal); transient: it is erased when its
@@ -186,8 +187,6 @@ def handle_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from numclip_cli.errors import NumclipError, one_line
-
         verbose = bool(kwargs.get("verbose"))
         try:
             return command(*args, **kwargs)
@@ -196,7 +195,7 @@ def handle_errors(command: F) -> F:
         except NumclipError as exc:
             if verbose:
                 traceback.print_exc()
-            print(f"numclip: error: {exc}", file=sys.stderr)
+            print(f"numclip: error: {visible(str(exc))}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except BrokenPipeError:
             # the reader (head, jq -e ...) stopped reading: not an error of ours
@@ -212,7 +211,7 @@ def handle_errors(command: F) -> F:
         except Exception as exc:  # a bug or an environment problem: still one line unless --verbose
             if verbose:
                 traceback.print_exc()
-            reason = one_line(exc, limit=300)
+            reason = visible(one_line(exc, limit=300))
             print(f"numclip: error: unexpected {type(exc).__name__}: {reason} (run with --verbose for details)",
                   file=sys.stderr)
             raise typer.Exit(EXIT_FAILED) from None

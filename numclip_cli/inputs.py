@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import glob
+import fnmatch
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
@@ -143,6 +143,52 @@ def _has_glob(arg: str) -> bool:
     return any(ch in arg for ch in "*?[")
 
 
+def glob_inputs(pattern: str, recursive: bool) -> list[str]:
+    """What ``glob.glob(pattern, recursive=recursive)`` matches, sorted, plus every folder the pattern had to
+    list but could not, as an ``UnreadableFolder`` (glob skips those silently).
+
+    As in glob, a wildcard never matches a name starting with "." unless its pattern component does, and with
+    ``recursive`` a ``**`` component matches any number of nested folders, none included; a trailing ``**``
+    gives everything below its folder (not the folder itself). Each real folder is read once per ``**``.
+    """
+    parts = [part for part in pattern.split(os.sep) if part]
+    return sorted(_glob_in(os.sep if os.path.isabs(pattern) else "", parts, recursive, set()))
+
+
+def _glob_in(folder: str, parts: list[str], recursive: bool, seen: set[tuple[str, int]]) -> Iterator[str]:
+    """Matches of the pattern components ``parts`` inside ``folder`` ("" is the current folder)."""
+    part, rest = parts[0], parts[1:]
+    if not _has_glob(part):  # a literal name: no listing needed
+        path = os.path.join(folder, part)
+        if not rest and os.path.lexists(path):
+            yield path
+        elif rest and os.path.isdir(path):
+            yield from _glob_in(path, rest, recursive, seen)
+        return
+    anywhere = recursive and part == "**"
+    if anywhere:
+        key = (os.path.realpath(folder or os.curdir), len(parts))
+        if key in seen:  # a symlink back up the tree
+            return
+        seen.add(key)
+    try:
+        entries = sorted(os.scandir(folder or os.curdir), key=lambda e: e.name)
+    except OSError as exc:
+        yield UnreadableFolder(folder or os.curdir, _folder_error(exc))
+        return
+    if anywhere and rest:
+        yield from _glob_in(folder, rest, recursive, seen)  # ** as no folder at all
+    for entry in entries:
+        if entry.name.startswith(".") and not part.startswith("."):
+            continue
+        path = os.path.join(folder, entry.name)
+        if anywhere or fnmatch.fnmatchcase(entry.name, part):
+            if not rest:
+                yield path
+            if (rest or anywhere) and _is_dir(entry):
+                yield from _glob_in(path, parts if anywhere else rest, recursive, seen)
+
+
 def expand_inputs(args: Iterable[str], stdin: TextIO | None = None, recursive: bool = False,
                   null: bool = False) -> list[str]:
     """Every input path, in the order given; a path that does not exist is kept (it becomes an error record)."""
@@ -155,7 +201,7 @@ def expand_inputs(args: Iterable[str], stdin: TextIO | None = None, recursive: b
         elif os.path.isdir(arg):
             paths.extend(scan_directory(arg, recursive))
         elif not os.path.lexists(arg) and _has_glob(arg):
-            matches = sorted(glob.glob(arg, recursive=recursive))
+            matches = glob_inputs(arg, recursive)
             paths.extend(matches if matches else [arg])
         else:
             paths.append(arg)

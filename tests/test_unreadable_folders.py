@@ -149,3 +149,58 @@ def test_an_unreadable_training_folder_is_named(photos: Path, synthetic_dir: Pat
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(DataError, match=f"^cannot read folder {photos}: Permission denied$"):
         load_samples(photos, get_task(str(synthetic_dir / "task.toml")))
+
+
+# --- globs numclip expands itself (a quoted pattern) -------------------------------------------------------------
+
+@pytest.mark.parametrize("recursive", [True, False])
+def test_an_unreadable_folder_under_a_glob_is_an_input_too(photos: Path, scandir_refuses: Path,
+                                                           recursive: bool) -> None:
+    """glob.glob skips a folder it cannot list; numclip keeps it as an error record."""
+    pattern = str(photos / "**" / "*.png") if recursive else str(photos / "*" / "*.png")
+    paths = expand_inputs([pattern], recursive=recursive)
+    expected = [str(photos / "a.png"), str(scandir_refuses), str(photos / "z.png")] if recursive \
+        else [str(scandir_refuses)]
+    assert paths == expected
+    assert [isinstance(p, UnreadableFolder) for p in paths] == [p == str(scandir_refuses) for p in expected]
+
+
+def test_predict_reports_a_folder_its_glob_could_not_list(run_cli, photos: Path, scandir_refuses: Path) -> None:
+    result = run_cli(["predict", str(photos / "**" / "*.png"), "--recursive", *ARGS])
+    assert result.exit_code == 3, result.stderr
+    records = jsonl(result.stdout)
+    assert [r["path"] for r in records] == [str(photos / "a.png"), str(scandir_refuses), str(photos / "z.png")]
+    assert records[1]["error"] == "cannot read folder: permission denied"
+
+
+GLOB_PATTERNS = ["*.png", "*/*.png", "**/*.png", "**/*", "a/**/*.png", "a/*/*", "*/**/*.jpg", ".*/*.png", "a/.*/*",
+                 "*", "a/b/*", "missing/*", "**/c/*.png", "a/[b]/*.jpg", "?.png"]
+
+
+@pytest.mark.parametrize("recursive", [True, False])
+@pytest.mark.parametrize("pattern", GLOB_PATTERNS)
+def test_a_readable_tree_globs_as_the_standard_library_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             pattern: str, recursive: bool) -> None:
+    import glob
+
+    from numclip_cli.inputs import glob_inputs
+
+    for name in ["1.png", "a/2.png", "a/b/3.jpg", "a/b/c/4.png", ".h/5.png", "a/.hh/6.png", "x/7.png", ".8.png",
+                 "a/b/c/.9.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    monkeypatch.chdir(tmp_path)
+    assert glob_inputs(pattern, recursive) == sorted(glob.glob(pattern, recursive=recursive))
+    absolute = str(tmp_path / pattern)
+    assert glob_inputs(absolute, recursive) == sorted(glob.glob(absolute, recursive=recursive))
+
+
+def test_a_symlink_loop_under_a_recursive_glob_is_read_once(tmp_path: Path) -> None:
+    from numclip_cli.inputs import glob_inputs
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "1.png").touch()
+    (tmp_path / "a" / "b" / "2.png").touch()
+    (tmp_path / "a" / "b" / "up").symlink_to(tmp_path / "a")  # glob.glob would descend until ELOOP
+    assert glob_inputs(str(tmp_path / "a" / "**" / "*.png"), True) == [str(tmp_path / "a" / "1.png"),
+                                                                       str(tmp_path / "a" / "b" / "2.png")]

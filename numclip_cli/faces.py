@@ -158,8 +158,9 @@ def crop_square(box: Box, size: tuple[int, int], margin: float = DEFAULT_MARGIN)
 class FaceCrops:
     """An image → the views the model sees: the largest face, every face, or the whole image when none is found.
 
-    Each view comes with the fields it adds to its record: ``{"face": {"index": i, "box": [x, y, w, h]}}``, or
-    ``{"face": None}`` for the whole image of a photo without a detected face.
+    Each view comes with the fields it adds to its record: ``{"face": {"index": i, "count": n, "box": [x, y, w,
+    h]}}`` (face i of the n this input gives), or ``{"face": None}`` for the whole image of a photo without a
+    detected face.
     """
 
     def __init__(self, mode: str, margin: float = DEFAULT_MARGIN, detector: FaceDetector | None = None) -> None:
@@ -174,7 +175,7 @@ class FaceCrops:
         if not boxes:
             return [(image, {"face": None})]
         chosen = boxes[:1] if self.mode == "largest" else boxes
-        return [(crop(image, box, self.margin), {"face": {"index": i, "box": list(box)}})
+        return [(crop(image, box, self.margin), {"face": {"index": i, "count": len(chosen), "box": list(box)}})
                 for i, box in enumerate(chosen)]
 
     def first(self, image: Image.Image) -> Image.Image:

@@ -153,12 +153,21 @@ def _first_of_input(record: dict[str, Any]) -> bool:
     return not isinstance(face, dict) or face.get("index", 0) == 0
 
 
+def _group_open(record: dict[str, Any]) -> bool:
+    """Whether more records of the same input follow this one (face ``index`` < ``count`` − 1)."""
+    face = record.get("face")
+    return isinstance(face, dict) and face.get("index", 0) < face.get("count", 0) - 1
+
+
 def done_inputs(path: Path) -> tuple[Counter[str], int]:
     """How many times each input (by ``record_key``) is recorded in a JSONL output, and the byte length of its
-    complete lines (for resuming). A missing file has none; a torn last line (an interrupted write) is left out.
+    complete lines (for resuming). A missing file has none; a torn last line (an interrupted write) is left out,
+    and so is an input whose ``--faces all`` group stops short of its ``count`` (a kill between its records):
+    it is done again, whole.
     """
     done: Counter[str] = Counter()
-    good = 0
+    good = group_start = 0
+    open_key = None  # the input whose group of face records is not complete yet
     if not path.exists():
         return done, good
     with path.open("rb") as handle:
@@ -173,7 +182,12 @@ def done_inputs(path: Path) -> tuple[Counter[str], int]:
                                    f"to numclip's own JSON lines output") from None
             if _first_of_input(record):
                 done[key] += 1
+                group_start = good
+            open_key = key if _group_open(record) else None
             good += len(line)
+    if open_key is not None:
+        done[open_key] -= 1
+        good = group_start
     return done, good
 
 

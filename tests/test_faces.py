@@ -111,8 +111,9 @@ def test_largest_gives_one_crop_and_all_one_per_face(group) -> None:
     boxes = detect(canvas)
     largest = FaceCrops("largest", margin=0.4)(canvas)
     every = FaceCrops("all", margin=0.25)(canvas)
-    assert [fields for _, fields in largest] == [{"face": {"index": 0, "box": list(boxes[0])}}]
-    assert [fields["face"] for _, fields in every] == [{"index": i, "box": list(b)} for i, b in enumerate(boxes)]
+    assert [fields for _, fields in largest] == [{"face": {"index": 0, "count": 1, "box": list(boxes[0])}}]
+    assert [fields["face"] for _, fields in every] == [{"index": i, "count": len(boxes), "box": list(b)}
+                                                       for i, b in enumerate(boxes)]
     assert [view.size for view, _ in every] == [(round(max(b.w, b.h) * 1.5),) * 2 for b in boxes]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import stat
@@ -322,6 +323,25 @@ def test_two_real_predict_runs_on_one_output(numclip_bin: Path, synthetic_images
 
 
 # --- --skip-existing: the resumable mode ------------------------------------------------------------------
+
+def face_record(path: str, index: int | None, count: int) -> str:
+    face = None if index is None else {"index": index, "count": count, "box": [0, 0, 8, 8]}
+    return json.dumps({"path": path, "status": "ok", "value": 1.0, "face": face}) + "\n"
+
+
+def test_a_faces_all_group_cut_short_by_a_kill_is_done_again_whole(tmp_path: Path) -> None:
+    """kill -9 between two records of one input's faces: resuming redoes that input, never half of it."""
+    from numclip_cli.writers import done_inputs, remaining
+
+    whole = face_record("a.jpg", 0, 2) + face_record("a.jpg", 1, 2) + face_record("b.jpg", None, 0)
+    out = tmp_path / "out.jsonl"
+    out.write_text(whole + face_record("c.jpg", 0, 3) + face_record("c.jpg", 1, 3), encoding="utf-8")
+    done, keep = done_inputs(out)
+    assert keep == len(whole.encode()) and remaining(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], done) == ["c.jpg", "d.jpg"]
+    out.write_text(whole + face_record("c.jpg", 0, 1), encoding="utf-8")  # a complete group of one face
+    done, keep = done_inputs(out)
+    assert keep == out.stat().st_size and remaining(["a.jpg", "b.jpg", "c.jpg"], done) == []
+
 
 MANY = 120  # with --batch-size 4: 30 batches, so a kill lands mid-run
 

@@ -121,8 +121,6 @@ class TableWriter(JsonlWriter):
         self.flush()
 
 
-
-
 def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:
     """The record with its path as ``record_path`` fields (``path``, and ``path_bytes`` when needed), path first."""
     return {**record_path(record["path"]), **{key: value for key, value in record.items() if key != "path"}}

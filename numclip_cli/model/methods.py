@@ -184,6 +184,10 @@ class NumClip(OrdinalModel):
         """The parts between the image features and the value."""
         self.regressor = PositionRegressor(self.embed_dim, task.extents(), task.representatives())
 
+    def head_modules(self) -> list[nn.Module]:
+        """What ``build_heads`` made: the "head" parameter group."""
+        return [self.regressor]
+
     def text_features(self) -> torch.Tensor:
         """Text features of the learned concept prompts."""
         return self.prompt(self.clip)
@@ -203,7 +207,7 @@ class NumClip(OrdinalModel):
         return {
             "context": [self.prompt.context],
             "words": [self.prompt.words],
-            "head": [p for name, p in self.named_parameters() if name.startswith(("adapter.", "regressor."))],
+            "head": [p for module in self.head_modules() for p in module.parameters()],
             **super().trainable_groups(),
         }
 
@@ -220,6 +224,10 @@ class NumClipSSR(NumClip):
         """CLIP-Adapter on the image features, SSR fine head on the coarse logits."""
         self.adapter = Adapter(self.embed_dim)
         self.regressor = FineRegressor(task.extents(), task.representatives())
+
+    def head_modules(self) -> list[nn.Module]:
+        """The adapter and the SSR head."""
+        return [self.adapter, self.regressor]
 
     def head(self, features: torch.Tensor, text_features: torch.Tensor) -> Output:
         """Coarse logits over bins from the adapted features and the fine value from the logits alone."""

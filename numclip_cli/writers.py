@@ -174,14 +174,14 @@ def done_inputs(path: Path) -> tuple[Counter[str], int]:
                 break  # an interrupted write: drop the partial line
             try:
                 record = json.loads(line)
-                key = record_key(record)
+                key, first, more = record_key(record), _first_of_input(record), _group_open(record)
             except (ValueError, KeyError, TypeError):
                 raise NumclipError(f"{path} line {number} is not a numclip record: --skip-existing appends only "
                                    f"to numclip's own JSON lines output") from None
-            if _first_of_input(record):
+            if first:
                 done[key] += 1
                 group_start = good
-            open_key = key if _group_open(record) else None
+            open_key = key if more else None
             good += len(line)
     if open_key is not None:
         done[open_key] -= 1

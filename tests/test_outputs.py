@@ -331,6 +331,7 @@ def face_record(path: str, index: int | None, count: int) -> str:
 
 def test_a_faces_all_group_cut_short_by_a_kill_is_done_again_whole(tmp_path: Path) -> None:
     """kill -9 between two records of one input's faces: resuming redoes that input, never half of it."""
+    from numclip_cli.errors import NumclipError
     from numclip_cli.writers import done_inputs, remaining
 
     whole = face_record("a.jpg", 0, 2) + face_record("a.jpg", 1, 2) + face_record("b.jpg", None, 0)
@@ -341,6 +342,9 @@ def test_a_faces_all_group_cut_short_by_a_kill_is_done_again_whole(tmp_path: Pat
     out.write_text(whole + face_record("c.jpg", 0, 1), encoding="utf-8")  # a complete group of one face
     done, keep = done_inputs(out)
     assert keep == out.stat().st_size and remaining(["a.jpg", "b.jpg", "c.jpg"], done) == []
+    out.write_text(whole + face_record("c.jpg", 0, 3).replace('"count": 3', '"count": "3"'), encoding="utf-8")
+    with pytest.raises(NumclipError, match="line 4 is not a numclip record"):  # a mangled count: one-line error
+        done_inputs(out)
 
 
 MANY = 120  # with --batch-size 4: 30 batches, so a kill lands mid-run

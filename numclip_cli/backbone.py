@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 import re
-import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from numclip_cli.errors import UsageError, WeightsError, one_line
+from numclip_cli.textfiles import not_regular
 
 TINY_MODEL = "numclip-tiny"
 DEFAULT_MODEL = "ViT-B-16"
@@ -112,7 +112,7 @@ def architecture_label(name: str) -> str:
 
 
 def not_a_regular_file(path: str | Path) -> str | None:
-    """What ``path`` is when it is not a regular file ("not found", "a directory", "a FIFO (named pipe)" …),
+    """What ``path`` is when it is not a regular file ("not found", "a directory, not a regular file" …),
     from ``stat`` alone: opening a FIFO would block and a device can stream forever. None for a regular file."""
     try:
         mode = os.stat(path).st_mode
@@ -120,11 +120,7 @@ def not_a_regular_file(path: str | Path) -> str | None:
         return NOT_FOUND
     except OSError as exc:
         return f"not readable ({exc.strerror})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((f"{kind}, not a file" for test, kind in kinds if test(mode)), "not a regular file")
+    return not_regular(mode)
 
 
 def _is_weight_file(pretrained: str) -> bool:

@@ -21,8 +21,18 @@ MAX_TASK_SPEC_BYTES = 1 << 20
 # parsing it takes a few GB of RAM, the most a labelled dataset read on one machine should ask for.
 MAX_DATA_LIST_BYTES = 256 << 20
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(mode: int) -> str | None:
+    """Why a file of this ``stat`` mode is not read ("a directory, not a regular file" …); None for a regular file.
+
+    The one wording of every "not a file" refusal (task specs, data lists, checkpoints, weight files).
+    """
+    if stat.S_ISREG(mode):
+        return None
+    return next((f"{kind}, not a regular file" for test, kind in _KINDS if test(mode)), "not a regular file")
 
 
 def read_text_file(path: str | os.PathLike[str], max_bytes: int, what: str,
@@ -57,11 +67,9 @@ def read_text_file(path: str | os.PathLike[str], max_bytes: int, what: str,
 
 def _check(st: os.stat_result, name: str, max_bytes: int, what: str, error: type[NumclipError]) -> None:
     """Refuse anything but a regular file of at most ``max_bytes``."""
-    for test, kind in _KINDS:
-        if test(st.st_mode):
-            raise error(f"{what} {name} is {kind}, not a regular file")
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {name} is not a regular file")
+    problem = not_regular(st.st_mode)
+    if problem:
+        raise error(f"{what} {name} is {problem}")
     if st.st_size > max_bytes:
         raise error(_too_large(name, st.st_size, max_bytes, what))
 

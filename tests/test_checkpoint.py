@@ -312,9 +312,9 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize(("kind", "words"), [("fifo", "is a FIFO (named pipe), not a file"),
-                                             ("/dev/null", "is a character device, not a file"),
-                                             ("directory", "is a directory, not a file")])
+@pytest.mark.parametrize(("kind", "words"), [("fifo", "is a FIFO (named pipe), not a regular file"),
+                                             ("/dev/null", "is a character device, not a regular file"),
+                                             ("directory", "is a directory, not a regular file")])
 @pytest.mark.parametrize("option", ["--checkpoint", "--pretrained"])
 def test_a_checkpoint_or_weights_that_is_not_a_file_says_what_it_is(kind: str, words: str, option: str,
                                                                     tmp_path: Path, synthetic_images,

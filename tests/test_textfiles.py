@@ -55,7 +55,8 @@ def hostile_file(tmp_path: Path, kind: str, name: str, oversize: int) -> Path:
     return path
 
 
-EXPECTED = {"fifo": "is a FIFO, not a regular file", "dev-zero": "is a character device, not a regular file",
+EXPECTED = {"fifo": "is a FIFO (named pipe), not a regular file",
+            "dev-zero": "is a character device, not a regular file",
             "directory": "is a directory, not a regular file", "huge": "is too large"}
 
 
@@ -137,7 +138,7 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block(tmp_path: Path) -> Non
         except TaskSpecError as exc:
             print(exc)
     """)
-    assert proc.stdout.strip() == f"task spec {fifo} is a FIFO, not a regular file", proc.stderr
+    assert proc.stdout.strip() == f"task spec {fifo} is a FIFO (named pipe), not a regular file", proc.stderr
 
 
 def test_a_file_at_the_limit_is_read_and_one_byte_more_is_refused(tmp_path: Path) -> None:

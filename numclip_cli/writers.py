@@ -1,4 +1,5 @@
-"""Result writers for ``predict``: JSON lines, CSV and a rich table; one record per input, written as it comes.
+"""Result writers for ``predict``: JSON lines and CSV; one record per input, written as it comes (the table for
+people at a terminal is presentation, in ``cli/table.py``).
 
 Every writer turns the record's path into ``inputs.record_path`` fields first, so a file name that is not valid
 UTF-8 is written as valid text (``path``) plus its exact bytes (``path_bytes``), never a crash.
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from numclip_cli.atomic import final_path, no_space, remove_stale_temps
-from numclip_cli.errors import NumclipError, visible
+from numclip_cli.errors import NumclipError
 from numclip_cli.inputs import path_from_record, record_path
 
 FORMATS = ("table", "jsonl", "csv")
@@ -74,65 +75,16 @@ class CsvWriter(JsonlWriter):
         (self.quoting_writer if has_cr else self.writer).writerow(row)
 
 
-class TableWriter(JsonlWriter):
-    """A rich table for people at a terminal, rendered when the run ends.
-
-    A value that lies in another bin than the most probable one is marked, and a footnote names that bin.
-    Text from files (names, error reasons, a task's bin names) goes in as ``rich.text.Text``, never as markup, so
-    ``[bold]x.png`` stays those characters; control characters are shown as escapes (see ``visible``).
-    """
-
-    def __init__(self, stream: IO[str], unit: str) -> None:
-        from rich.table import Table
-
-        super().__init__(stream)
-        self.table = Table(show_header=True, header_style="bold")
-        for column, justify in (("path", "left"), (f"value ({unit})" if unit else "value", "right"),
-                                ("bin", "left"), ("p(bin)", "right"), ("status", "left")):
-            self.table.add_column(column, justify=justify, overflow="fold")
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Add one row."""
-        from rich.text import Text
-
-        path = Text(visible(record_path(record["path"])["path"]))
-        if record["status"] != "ok":
-            status = Text.assemble((record["status"], "red"), ": ", visible(record.get("error", "")))
-            self.table.add_row(path, "", "", "", status)
-            return
-        value = f"{record['value']:.2f}"
-        if record["value_bin"] != record["bin"]:
-            value += f" ({visible(record['value_bin'])})†"
-            self.table.caption = "† the value lies in the bin in brackets, not in the most probable bin"
-        if "interval" in record:
-            low, high = record["interval"]
-            value += f"  [{low:.1f}, {high:.1f}]"
-        self.table.add_row(path, Text(value), Text(visible(record["bin"])), f"{record['probs'][record['bin']]:.2f}",
-                           "ok")
-
-    def close(self) -> None:
-        """Render the table."""
-        from rich.console import Console
-
-        console = Console(file=self.stream, soft_wrap=False)
-        if not console.is_terminal:
-            console.width = 1000  # a file or pipe has no width: never wrap paths mid-name, the table stays natural
-        console.print(self.table)
-        self.flush()
-
-
 def with_path_fields(record: dict[str, Any]) -> dict[str, Any]:
     """The record with its path as ``record_path`` fields (``path``, and ``path_bytes`` when needed), path first."""
     return {**record_path(record["path"]), **{key: value for key, value in record.items() if key != "path"}}
 
 
-def make_writer(fmt: str, stream: IO[str], bin_names: list[str], unit: str = "") -> JsonlWriter:
-    """A writer for ``fmt`` (table, jsonl, csv)."""
-    if fmt == "jsonl":
-        return JsonlWriter(stream)
+def make_writer(fmt: str, stream: IO[str], bin_names: list[str]) -> JsonlWriter:
+    """A machine-readable writer for ``fmt`` (jsonl, csv)."""
     if fmt == "csv":
         return CsvWriter(stream, bin_names)
-    return TableWriter(stream, unit)
+    return JsonlWriter(stream)
 
 
 def path_key(path: str) -> str:

@@ -12,7 +12,8 @@ import pytest
 from helpers import AGE_BINS, MODEL
 from rich.console import Console
 
-from numclip_cli.writers import CsvWriter, TableWriter
+from numclip_cli.cli.table import TableWriter
+from numclip_cli.writers import CsvWriter
 
 ARGS = [*MODEL, "--faces", "none", "--workers", "0"]
 CSV_NAMES = ["cr\rname.png", "lf\nname.png", "crlf\r\nname.png", 'quote",comma.png', "plain.png"]

@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles between its modules."""
+"""The package's shape: no import cycles between its modules, and the terminal libraries only in its CLI layer."""
 
 from __future__ import annotations
 
@@ -54,6 +54,26 @@ def test_no_import_cycles_between_package_modules() -> None:
     graph = _imports()
     assert "numclip_cli.predictor" in graph["numclip_cli.evaluation"]  # the walk sees imports at all
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the packages a module imports anywhere in it."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+    return names
+
+
+def test_only_the_command_line_layer_imports_the_terminal_libraries() -> None:
+    """rich and typer are presentation: the core (model, data, writers, bench) stays usable without a terminal."""
+    layer = {path.relative_to(PACKAGE).as_posix(): _third_party_imports(path) for path in PACKAGE.rglob("*.py")}
+    assert "rich" in layer["cli/table.py"]  # the scan sees them at all
+    offenders = {name: sorted(deps & {"rich", "typer"}) for name, deps in layer.items()
+                 if not name.startswith("cli/") and deps & {"rich", "typer"}}
+    assert not offenders, offenders
 
 
 def test_cycle_finder_finds_a_cycle() -> None:

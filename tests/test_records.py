@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from numclip_cli.checkpoint import Checkpoint, model_tensors, write_checkpoint
+from numclip_cli.cli.table import TableWriter
 from numclip_cli.model.methods import create_model
 from numclip_cli.predictor import NON_FINITE, Predictor
 from numclip_cli.synthetic import task_spec
-from numclip_cli.writers import CsvWriter, TableWriter
+from numclip_cli.writers import CsvWriter
 
 DOTS = task_spec("dots")  # bins 1–2, 3–4, 5–6, 7–8, 9–10
 

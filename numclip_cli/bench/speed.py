@@ -291,7 +291,7 @@ class _SpeedRun:
         samples = []
         start = time.perf_counter()
         with open(os.devnull, "w", encoding="utf-8") as sink:
-            writer = make_writer("jsonl", sink, task.bin_names, task.unit)
+            writer = make_writer("jsonl", sink, task.bin_names)
             for done, record in enumerate(self.predictor(self.session.model).records(
                     paths, self.preprocess, batch), start=1):
                 writer.write(record)

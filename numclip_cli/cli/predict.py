@@ -214,10 +214,10 @@ def _sink(output: Path | None, resume_at: int | None):
 def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None,
          precision=None):
     """Stream records into their sink (see ``_sink``); an interrupt keeps every complete record and is returned."""
+    from numclip_cli.cli.table import writer_for
     from numclip_cli.decoding import worker_died
     from numclip_cli.errors import one_line
     from numclip_cli.predictor import Predictor
-    from numclip_cli.writers import make_writer
 
     temperature, conformal = calibration
     predictor = Predictor(session.model, next(session.model.parameters()).device, temperature, conformal, fast,
@@ -227,7 +227,7 @@ def _run(session, calibration, paths, fmt, output, resume_at, batch_size, worker
     # the stop handler spans the commit too: a signal then waits until the file is complete
     sink = _sink(output, resume_at)
     with stop_at_safe_points(reporter.quiet) as stop, sink as stream, reporter.progress() as progress:
-        writer = make_writer(fmt, stream, session.task.bin_names, session.task.unit)
+        writer = writer_for(fmt, stream, session.task.bin_names, session.task.unit)
         bar = progress.add_task("predict", total=len(paths), status="")
         try:
             # one group per input: a single record, or one per face with --faces all

@@ -27,25 +27,27 @@ def checked(result: Result) -> Result:
 
 
 @pytest.fixture(scope="module")
-def dots(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dots")
-    write_dataset("dots", root, n=1000, seed=0)
+def sizes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("size")
+    write_dataset("size", root, n=400, seed=0)
     return root
 
 
 @pytest.mark.slow
-def test_learns_well_below_the_median_baseline(run_cli, dots: Path, tmp_path: Path) -> None:
+def test_learns_well_below_the_median_baseline(run_cli, sizes: Path, tmp_path: Path) -> None:
+    # "how large is the square" is the synthetic task a random-init tiny model learns fastest (the accuracy
+    # suite: MAE ≈ 0.25 after ~100 steps of batch 16, seeds 0-2), so a short run must land far below the median
     out, metrics = tmp_path / "m.safetensors", tmp_path / "metrics.json"
-    result = checked(run_cli(["train", "--data", dots, *TINY, *FAST, "--batch-size", "32", "--epochs", "8",
-                              "--milestones", "6", "--val-split", "0.15", "--workers", "2", "--seed", "0",
-                              "--out", out, "--metrics-out", metrics]))
+    result = checked(run_cli(["train", "--data", sizes, *TINY, *FAST, "--batch-size", "16", "--image-lr", "3e-3",
+                              "--epochs", "6", "--milestones", "5", "--val-split", "0.15", "--workers", "2",
+                              "--seed", "0", "--out", out, "--metrics-out", metrics]))
     assert result.exit_code == 0, result.output
     summary = json.loads(metrics.read_text())
     baseline, mae = summary["baseline_median_mae"], summary["val"]["mae"]
-    assert 2.0 < baseline < 2.8  # dots 1..10 uniform: predicting the median is off by ~2.5 on average
-    assert mae <= 0.5 * baseline, (mae, baseline)
+    assert 2.0 < baseline < 2.8  # sizes 1..10 uniform: predicting the median is off by ~2.5 on average
+    assert mae <= 0.25 * baseline, (mae, baseline)
     train = read_checkpoint(out).train
-    assert train["select"] == "mae" and train["best_val"] == pytest.approx(mae)  # dots: selected on MAE
+    assert train["select"] == "mae" and train["best_val"] == pytest.approx(mae)  # synthetic tasks: selected on MAE
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,11 @@ from numclip_cli.preprocessing import Preprocessing
 from numclip_cli.tasks import TaskSpec, task_from_dict
 
 FORMAT_KEY = "numclip.format"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Every format this numclip reads, with the method names that changed since: format 1 (numclip 0.1) named the
-# reference NumCLIP design "numclip"; format 2 calls it "numclip-ssr" and "numclip" is the position-head design.
-METHOD_RENAMES = {"1": {"numclip": "numclip-ssr"}, str(FORMAT_VERSION): {}}
+# reference NumCLIP design "numclip" (now "numclip-ssr"); format 2 (numclip 0.2) named the position-head design
+# "numclip" (now "numclip-position"); in format 3 "numclip" is the offset-head design.
+METHOD_RENAMES = {"1": {"numclip": "numclip-ssr"}, "2": {"numclip": "numclip-position"}, str(FORMAT_VERSION): {}}
 _JSON_FIELDS = ("task", "backbone", "preprocess", "train", "calibration", "resume")
 OPTIM_PREFIX = "optim."
 BACKBONE_PREFIX = "clip."

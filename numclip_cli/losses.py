@@ -79,14 +79,21 @@ def ordinalclip_kl(logits: Tensor, rank_labels: Tensor, target_scale: float = 10
     return _text_to_image_kl(logits, rank_labels, target_scale)
 
 
+KL_TERMS = ("fcrc", "plain")  # numclip_loss's text-to-image KL: the reference's weighted one, or unweighted
+
+
 def numclip_loss(
-    logits: Tensor, labels: Tensor, fine_value: Tensor, target_value: Tensor, with_kl: bool = True
+    logits: Tensor, labels: Tensor, fine_value: Tensor, target_value: Tensor, kl: str | None = "fcrc"
 ) -> dict[str, Tensor]:
-    """NumCLIP objective: CE-FCRC + KL-FCRC + L1 on the fine value, all weight 1 (as the authors state);
-    ``with_kl=False`` drops the KL-FCRC term (``--method numclip``, see docs/methods.md)."""
+    """NumCLIP objective: CE-FCRC + a text-to-image KL term + L1 on the fine value, all weight 1 (as the authors
+    state). ``kl``: ``"fcrc"`` the reference's KL-FCRC (``--method numclip-ssr``), ``"plain"`` the same KL
+    without the FCRC weights, as OrdinalCLIP uses it (``--method numclip``), None no KL term
+    (``--method numclip-position``); see docs/methods.md."""
     terms = {"ce": fcrc_ce(logits, labels)}
-    if with_kl:
-        terms["kl"] = fcrc_kl(logits, labels)
+    if kl is not None:
+        if kl not in KL_TERMS:
+            raise ValueError(f"kl must be one of {KL_TERMS} or None, got {kl!r}")
+        terms["kl"] = fcrc_kl(logits, labels) if kl == "fcrc" else ordinalclip_kl(logits, labels)
     terms["l1"] = F.l1_loss(fine_value, target_value.to(fine_value.dtype))
     return {**terms, "total": sum(terms.values())}
 

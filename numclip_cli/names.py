@@ -9,7 +9,8 @@ from __future__ import annotations
 from importlib import resources
 
 # every ``--method``, in the order help texts and the accuracy benchmark list them
-METHOD_NAMES = ("numclip", "numclip-ssr", "l2rclip", "ordinalclip", "coop", "zeroshot", "linear-probe")
+METHOD_NAMES = ("numclip", "numclip-position", "numclip-ssr", "l2rclip", "ordinalclip", "coop", "zeroshot",
+                "linear-probe")
 UNTRAINED_METHODS = ("zeroshot",)  # nothing to train: predict only
 
 

@@ -135,7 +135,7 @@ def test_file_is_plain_safetensors_with_json_metadata(checkpoint_file: Path, num
     backbone = json.loads(meta["backbone"])
     assert backbone["name"] == "numclip-tiny" and backbone["pretrained"] == "none" and backbone["model_cfg"]
     assert json.loads(meta["train"]) == TRAIN_INFO
-    for key in ("prompt.context", "prompt.words", "regressor.position.weight"):
+    for key in ("prompt.context", "prompt.words", "regressor.offset.weight"):
         assert key in header
     assert any(key.startswith("clip.visual.") for key in header)  # random init: the backbone is stored
     assert not any(key.startswith("prompt.base") or key.startswith("regressor.beta") for key in header)
@@ -202,7 +202,7 @@ def make_broken(kind: str, good: Path, folder: Path) -> Path:
     elif kind == "not-numclip":
         _rewrite(good, path, meta=_meta(good, numclip__format=None))
     elif kind == "wrong-shape":
-        tensors["regressor.position.weight"] = torch.zeros(3, 5)
+        tensors["regressor.offset.weight"] = torch.zeros(3, 5)
         _rewrite(good, path, tensors=tensors)
     elif kind == "wrong-backbone-shape":
         tensors["clip.visual.proj"] = torch.zeros(7, 7)
@@ -211,7 +211,7 @@ def make_broken(kind: str, good: Path, folder: Path) -> Path:
         tensors["prompt.ctx"] = tensors.pop("prompt.context")
         _rewrite(good, path, tensors=tensors)
     elif kind == "missing-method-tensor":
-        del tensors["regressor.position.weight"]
+        del tensors["regressor.offset.weight"]
         _rewrite(good, path, tensors=tensors)
     elif kind == "missing-backbone-tensor":
         del tensors["clip.visual.proj"]
@@ -238,10 +238,10 @@ BROKEN = {
     "torch-zip": ["not a readable safetensors"],
     "unknown-format": ["'99'", "format"],
     "not-numclip": ["not a numclip checkpoint"],
-    "wrong-shape": ["'regressor.position.weight'", "(3, 5)"],
+    "wrong-shape": ["'regressor.offset.weight'", "(3, 5)"],
     "wrong-backbone-shape": ["'clip.visual.proj'", "(7, 7)"],
     "renamed": ["'prompt.ctx'"],
-    "missing-method-tensor": ["regressor.position.weight"],
+    "missing-method-tensor": ["regressor.offset.weight"],
     "missing-backbone-tensor": ["clip.visual.proj"],
     "bad-task": ["'prompt'"],
     "bad-json": ["metadata"],
@@ -335,7 +335,7 @@ def test_a_checkpoint_or_weights_that_is_not_a_file_says_what_it_is(kind: str, w
 
 def test_format_1_numclip_reads_as_the_reference_design(tmp_path: Path, tiny_backbone, images) -> None:
     """Format 1 called the reference NumCLIP design (adapter + SSR head) "numclip": such a file loads as
-    ``numclip-ssr`` and predicts what it predicted; a format-2 "numclip" is the position-head design."""
+    ``numclip-ssr`` and predicts what it predicted; a format-3 "numclip" is the offset-head design."""
     ssr = create_model("numclip-ssr", tiny_backbone, get_task("age")).eval()
     current = save_model(tmp_path / "v2.safetensors", ssr, tiny_backbone, method="numclip-ssr")
     tensors = load_file(str(current))
@@ -346,6 +346,23 @@ def test_format_1_numclip_reads_as_the_reference_design(tmp_path: Path, tiny_bac
     model, _, checkpoint = load_model(old)
     assert checkpoint.method == "numclip-ssr" and model.method == "numclip-ssr"
     torch.testing.assert_close(outputs(model, images).value, outputs(ssr, images).value)
-    save_file(tensors, str(old), metadata={**meta, "method": "numclip"})  # format 2: another design's tensors
+    save_file(tensors, str(old), metadata={**meta, "method": "numclip"})  # format 3: another design's tensors
     with pytest.raises(CheckpointError, match="'adapter.fc.0.weight' does not belong to this model"):
         load_model(old)
+
+
+def test_format_2_numclip_reads_as_the_position_head(tmp_path: Path, tiny_backbone, images) -> None:
+    """Format 2 (numclip 0.2) called the position-head design "numclip": such a file loads as
+    ``numclip-position`` and predicts what it predicted, not as the offset head whose tensors it lacks."""
+    torch.manual_seed(0)
+    position = create_model("numclip-position", tiny_backbone, get_task("age")).eval()
+    with torch.no_grad():
+        position.regressor.position.weight.normal_()  # a trained-looking head: t ≠ 0
+    current = save_model(tmp_path / "v3.safetensors", position, tiny_backbone, method="numclip-position")
+    with safe_open(str(current), framework="pt") as handle:
+        meta = dict(handle.metadata())
+    old = tmp_path / "v2.safetensors"
+    save_file(load_file(str(current)), str(old), metadata={**meta, FORMAT_KEY: "2", "method": "numclip"})
+    model, _, checkpoint = load_model(old)
+    assert checkpoint.method == "numclip-position" and model.method == "numclip-position"
+    torch.testing.assert_close(outputs(model, images).value, outputs(position, images).value)

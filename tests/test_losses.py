@@ -166,17 +166,21 @@ def test_ordinalclip_kl_equals_fcrc_kl_when_all_weights_are_one() -> None:
 # ---------------------------------------------------------------- NumCLIP total
 
 
-def test_numclip_loss_sums_its_parts() -> None:
+@pytest.mark.parametrize(("kl", "kl_term"), [("fcrc", fcrc_kl), ("plain", ordinalclip_kl), (None, None)])
+def test_numclip_loss_sums_its_parts(kl, kl_term) -> None:
     logits = torch.randn(5, 5, generator=_generator(6)) * 10
-    labels = torch.tensor([0, 1, 2, 3, 4])
+    labels = torch.tensor([0, 1, 2, 3, 2])
     fine = torch.tensor([1.0, 14.0, 20.0, 40.0, 70.0])
     target = torch.tensor([2, 13, 25, 40, 66])
-    parts = numclip_loss(logits, labels, fine, target)
-    assert set(parts) == {"ce", "kl", "l1", "total"}
+    parts = numclip_loss(logits, labels, fine, target, kl=kl)
+    assert set(parts) == {"ce", "l1", "total"} | ({"kl"} if kl else set())
     torch.testing.assert_close(parts["ce"], fcrc_ce(logits, labels))
-    torch.testing.assert_close(parts["kl"], fcrc_kl(logits, labels))
+    if kl_term is not None:
+        torch.testing.assert_close(parts["kl"], kl_term(logits, labels))
     assert parts["l1"].item() == pytest.approx((1 + 1 + 5 + 0 + 4) / 5)
-    torch.testing.assert_close(parts["total"], parts["ce"] + parts["kl"] + parts["l1"])
+    torch.testing.assert_close(parts["total"], sum(parts[name] for name in parts if name != "total"))
+    with pytest.raises(ValueError, match="kl must be one of"):
+        numclip_loss(logits, labels, fine, target, kl="weighted")
 
 
 # ---------------------------------------------------------------- L2RCLIP ordinal pairwise loss

@@ -344,10 +344,11 @@ def test_cli_zeroshot_predicts_and_refuses_to_train(run_cli, synthetic_dir: Path
 
 
 @pytest.mark.parametrize(("method", "head_lr", "expected"), [
-    ("numclip", None, 10 * 3e-3), ("numclip", 5e-4, 5e-4), ("numclip-ssr", None, 3e-3), ("linear-probe", None, 3e-3)])
+    ("numclip", None, 30 * 3e-3), ("numclip", 5e-4, 5e-4), ("numclip-position", None, 10 * 3e-3),
+    ("numclip-ssr", None, 3e-3), ("linear-probe", None, 3e-3)])
 def test_head_learning_rate_defaults_to_the_methods_scale(method: str, head_lr, expected: float) -> None:
-    """numclip's position head trains at 10× the prompts' rate (the reference design and the probe at 1×), unless
-    --head-lr gives one; the other groups keep theirs."""
+    """numclip's offset head trains at 30× the prompts' rate, the position head at 10× (the reference design and
+    the probe at 1×), unless --head-lr gives one; the other groups keep theirs."""
     config = TrainConfig(method=method, epochs=1, lr=3e-3, image_lr=1e-3, head_lr=head_lr)
     trainer = Trainer(fresh_backbone(), task_spec("dots"), config, torch.device("cpu"))
     rates = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}

@@ -12,7 +12,7 @@ from torch import nn
 
 from numclip_cli.backbone import load_backbone
 from numclip_cli.errors import UsageError
-from numclip_cli.model.heads import FineRegressor, PositionRegressor
+from numclip_cli.model.heads import FineRegressor, OffsetRegressor, PositionRegressor
 from numclip_cli.model.methods import METHODS, NumClip, create_model
 from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS
 from numclip_cli.synthetic import list_generators, task_spec
@@ -125,16 +125,16 @@ def test_zero_shot_logits_are_scaled_cosine_similarities(tiny_backbone, batch, t
     torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-4)
 
 
-NUMCLIP_METHODS = ["numclip", "numclip-ssr"]
-WIDTH = 16  # image-feature width of the position heads built here
+NUMCLIP_METHODS = ["numclip", "numclip-position", "numclip-ssr"]
+WIDTH = 16  # image-feature width of the feature-reading heads built here
 
 
 @pytest.mark.parametrize("method", NUMCLIP_METHODS)
 @pytest.mark.parametrize("task_name", list_tasks())
 def test_fine_head_starts_as_probability_weighted_representatives(tiny_backbone, batch, task_name: str,
                                                                   method: str) -> None:
-    """Δ ≈ 0 (SSR head) or t ≈ 0 (position head) at init, so ŷ = Σ p_k · representative_k: the value each bin's
-    label stands for."""
+    """Δ ≈ 0 (SSR head), t ≈ 0 (position head) or δ ≈ 0 (offset head) at init, so ŷ = Σ p_k · representative_k:
+    the value each bin's label stands for."""
     task = get_task(task_name)
     model = create_model(method, tiny_backbone, task)
     with torch.no_grad():
@@ -150,21 +150,26 @@ def every_task() -> list[TaskSpec]:
 
 
 class Head:
-    """Both fine heads behind one interface: ŷ from bin probabilities (B×K) and a head output t ∈ [−1, 1]
-    (B×K; the position head reads its first column, its one position per image)."""
+    """The three fine heads behind one interface: ŷ from bin probabilities (B×K) and a head output t ∈ [−1, 1]
+    (B×K; the position and offset heads read its first column, their one output per image). The offset head's δ
+    is t times twice the task range, so t = ±1 pushes the value to its bounds from anywhere."""
 
     def __init__(self, kind: str, task: TaskSpec) -> None:
         self.kind = kind
-        self.module = (FineRegressor(task.extents(), task.representatives()) if kind == "ssr"
-                       else PositionRegressor(WIDTH, task.extents(), task.representatives()))
+        self.reach = 2 * (task.high - task.low)
+        self.module = {"ssr": lambda: FineRegressor(task.extents(), task.representatives()),
+                       "position": lambda: PositionRegressor(WIDTH, task.extents(), task.representatives()),
+                       "offset": lambda: OffsetRegressor(WIDTH, task.extents(), task.representatives())}[kind]()
 
     def readout(self, probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "ssr":
             return self.module.readout(probs, self.module.stretch(t))
+        if self.kind == "offset":
+            return self.module.readout(probs, self.reach * t[:, 0])
         return self.module.readout(probs, t[:, :1])
 
 
-HEADS = ["ssr", "position"]
+HEADS = ["ssr", "position", "offset"]
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -182,17 +187,19 @@ def test_certain_prediction_is_the_bins_representative(tiny_backbone, task: Task
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("task", every_task(), ids=lambda t: t.name)
 def test_fine_head_reaches_every_value_of_the_range_and_moves_bin_zero(task: TaskSpec, head: str) -> None:
-    """Certain of bin k, the head sweeps the anchor over a span inside k's extent; the spans start at the task's
-    low end, end at its high end and follow each other, so mixing neighbours reaches every value in between. Bin 0
-    is not pinned (the reference's β₀ = 0 kept it at low₀ whatever Δ)."""
+    """Certain of bin k, the head sweeps the value over a span inside k's extent (the offset head: all of it); the
+    spans start at the task's low end, end at its high end and follow each other, so mixing neighbours reaches every
+    value in between. Bin 0 is not pinned (the reference's β₀ = 0 kept it at low₀ whatever Δ)."""
     fine = Head(head, task)
     certain = torch.eye(len(task.bins))
-    low_end = fine.readout(certain, -torch.ones_like(certain) if head == "position" else torch.ones_like(certain))
-    high_end = fine.readout(certain, torch.ones_like(certain) if head == "position" else -torch.ones_like(certain))
+    down = torch.ones_like(certain) if head == "ssr" else -torch.ones_like(certain)  # SSR: larger Δ, lower anchor
+    low_end, high_end = fine.readout(certain, down), fine.readout(certain, -down)
     reps = torch.tensor(task.representatives())
     assert (low_end < high_end).all() and (low_end <= reps).all() and (reps <= high_end).all()
     assert low_end[0].item() == pytest.approx(task.low, abs=1e-4) and high_end[-1].item() == pytest.approx(task.high)
-    assert (low_end[1:] > high_end[:-1]).all()  # ordered spans: the gaps between them are reached by mixing
+    assert (low_end[1:] >= high_end[:-1]).all()  # ordered spans: any gaps between them are reached by mixing
+    if head == "offset":
+        torch.testing.assert_close(torch.stack([low_end, high_end], dim=1), torch.tensor(task.extents()))
     for k, (start, end) in enumerate(task.extents()):
         assert start - 1e-4 <= low_end[k] and high_end[k] <= end + 1e-4
 
@@ -232,18 +239,19 @@ def test_confident_prediction_lands_inside_its_bin(task: TaskSpec, head: str, da
 @given(logits=st.lists(st.floats(-1e30, 1e30), min_size=5, max_size=5), weight=st.floats(-1e4, 1e4))
 def test_fine_value_is_finite_and_in_range_for_any_logits_and_saturated_shift(task: TaskSpec, logits: list[float],
                                                                                 weight: float) -> None:
-    """Huge logits and a saturated tanh (Δ at its bound, the reference's 0/0 at Δ = −1; t at ±1) give a finite
-    value in the task range, from both heads."""
+    """Huge logits, a saturated tanh (Δ at its bound, the reference's 0/0 at Δ = −1; t at ±1) and a huge offset
+    give a finite value in the task range, from every head."""
     ssr = FineRegressor(task.extents(), task.representatives())
     position = PositionRegressor(WIDTH, task.extents(), task.representatives())
+    offset = OffsetRegressor(WIDTH, task.extents(), task.representatives())
     with torch.no_grad():
-        for layer in [*ssr.shift, position.position]:
+        for layer in [*ssr.shift, position.position, offset.offset]:
             if isinstance(layer, nn.Linear):
                 layer.weight.fill_(weight)
                 layer.bias.fill_(-weight)
         row = torch.tensor([logits[:len(task.bins)]])
         features = nn.functional.normalize(torch.arange(1.0, WIDTH + 1)[None], dim=-1)
-        values = [ssr(row).item(), position(features, row).item()]
+        values = [ssr(row).item(), position(features, row).item(), offset(features, row).item()]
     slack = 1e-5 * (task.high - task.low)
     for value in values:
         assert math.isfinite(value) and task.low - slack <= value <= task.high + slack
@@ -302,7 +310,7 @@ def test_embedding_width_comes_from_the_backbone(name: str, width: int) -> None:
     task = get_task("age")
     model = create_model("numclip", backbone, task).eval()
     assert model.embed_dim == width
-    assert model.regressor.position.in_features == width
+    assert model.regressor.offset.in_features == width
     with torch.no_grad():
         features = model.text_features()
         out = model(images(backbone, n=1), features)

@@ -207,14 +207,14 @@ def test_a_checkpoint_tensor_of_the_wrong_dtype_is_named(tiny_backbone, tmp_path
 
     model = create_model("numclip", tiny_backbone, get_task("age"))
     tensors = model_tensors(model, tiny_backbone, tuned_image=False)
-    tensors["regressor.position.weight"] = tensors["regressor.position.weight"].to(torch.int32)
+    tensors["regressor.offset.weight"] = tensors["regressor.offset.weight"].to(torch.int32)
     path = tmp_path / "int.safetensors"
     write_checkpoint(path, Checkpoint(tensors=tensors, task=model.task, method="numclip",
                                       backbone=tiny_backbone.describe()))
     result = run_cli(["predict", synthetic_images[0], "--checkpoint", path])
     assert result.exit_code == 1, result.stderr
     error = one_error_line(result.stderr)
-    assert "'regressor.position.weight'" in error and "torch.int32" in error and str(path) in error
+    assert "'regressor.offset.weight'" in error and "torch.int32" in error and str(path) in error
 
 
 # --- checkpoint metadata never becomes a path -----------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_checkpoint_metadata_follows_the_format(trained: Path) -> None:
     assert ckpt.backbone["model_cfg"]["embed_dim"] == 64 and ckpt.backbone["preprocess_cfg"]["size"]
     assert ckpt.train["data"]["n_train"] + ckpt.train["data"]["n_val"] == 96
     assert ckpt.resume is None  # only the *.last file carries optimizer state
-    assert {"prompt.context", "prompt.words", "regressor.position.weight"} <= ckpt.tensors.keys()
+    assert {"prompt.context", "prompt.words", "regressor.offset.weight"} <= ckpt.tensors.keys()
 
 
 @pytest.mark.slow

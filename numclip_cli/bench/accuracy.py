@@ -50,13 +50,14 @@ FEW_SHOT_PASSES = 600
 
 # Per-method settings on numclip-tiny from random init (batch 16, RAdam, LR ×0.1 after 3/4 of the epochs).
 # Every prompt method tunes the image tower (random features carry little) with the same learning rates:
-# prompts 3e-3, image tower 3e-3, a method's head at its own default (numclip's position head 10× the prompts').
+# prompts 3e-3, image tower 3e-3, a method's head at its own default (numclip's offset head 30× the prompts').
 # Image lr 3e-3 was chosen over 1e-3 and 5e-3 on development seeds (100-102, never in the reported tables): it
 # lowered the test MAE of numclip and of ordinalclip alike (docs/results/numclip-design.json). The linear probe
 # trains only its head on cached features: an epoch costs milliseconds, so it gets 5× the epochs and a higher lr.
 PROMPT_RECIPE = {"lr": 3e-3, "image_lr": 3e-3}
 RECIPES: dict[str, dict[str, Any]] = {
     "numclip": {**PROMPT_RECIPE, "tune_context": True},
+    "numclip-position": {**PROMPT_RECIPE, "tune_context": True},
     "numclip-ssr": {**PROMPT_RECIPE, "tune_context": True},
     "l2rclip": PROMPT_RECIPE,
     "ordinalclip": PROMPT_RECIPE,

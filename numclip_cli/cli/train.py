@@ -53,6 +53,7 @@ def train(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     method: Annotated[str, typer.Option("--method", help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
+                                        "numclip-position: numclip 0.2's fine head; "
                                         "numclip-ssr: the same as the NumCLIP reference builds it; "
                                         f"{', '.join(UNTRAINED_METHODS)} needs no training).")] = "numclip",
     val: Annotated[Path | None, typer.Option("--val", help="Validation data (same formats as --data).")] = None,
@@ -73,12 +74,12 @@ def train(
         f"default: {RANDOM_INIT_LR[1]:g} from random init, else {PRETRAINED_LR[1]:g}).")] = None,
     head_lr: Annotated[float | None, typer.Option(
         "--head-lr", callback=positive, show_default=False, help="Learning rate of the fine head or classifier "
-        "(> 0; default: --lr, ×10 for numclip's position head).")] = None,
+        "(> 0; default: --lr, ×30 for numclip's offset head, ×10 for numclip-position's).")] = None,
     tune_image: Annotated[bool, typer.Option("--tune-image/--freeze-image",
                                              help="Fine-tune the image tower (the reference does).")] = True,
     tune_context: Annotated[bool | None, typer.Option(
         "--tune-context/--freeze-context", help="Train the shared prompt context too (default: on for coop, "
-        "ordinalclip and l2rclip; for numclip and numclip-ssr the task's tune_context, on for aesthetics only).",
+        "ordinalclip and l2rclip; for the numclip methods the task's tune_context, on for aesthetics only).",
         show_default=False)] = None,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
                                             "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",

@@ -1,12 +1,15 @@
 """Heads on top of CLIP features: the image adapter, the coarse classifier and the fine regressors (NumCLIP §3.3).
 
-Two fine regressors turn the coarse bin distribution into a number; both move each bin's anchor only inside
-``anchor_spans``, so a confident prediction stays inside its bin:
+Three fine regressors turn the coarse bin distribution into a number; each keeps a confident prediction (at
+least ``CONFIDENT`` of the mass on one bin) inside that bin:
 
-* ``PositionRegressor`` (``--method numclip``): one position inside the bin, −1 … 1, read from the image
-  features and mapped onto every bin's span; ŷ = Σ_k p_k · anchor_k.
+* ``OffsetRegressor`` (``--method numclip``): one offset in the task unit, read from the image features and
+  added to the expectation Σ_k p_k · r_k, inside bounds that narrow from the task range to the top bin's extent
+  as the coarse prediction grows confident.
+* ``PositionRegressor`` (``--method numclip-position``, numclip 0.2's default): one position inside the bin,
+  −1 … 1, read from the image features and mapped onto every bin's ``anchor_spans`` span; ŷ = Σ_k p_k · anchor_k.
 * ``FineRegressor`` (``--method numclip-ssr``): the reference's SSR-Net head, a per-bin shift Δ computed from
-  the coarse logits alone.
+  the coarse logits alone, its anchors inside ``anchor_spans``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def coarse_logits(image_features: torch.Tensor, text_features: torch.Tensor, sca
 
 
 CONFIDENT = 0.9  # a prediction this sure of one bin (the rest on its neighbours) stays inside that bin
+UNSURE = 0.5  # at most this on the top bin: the offset head's value may be anywhere in the task range
 
 
 def anchor_spans(extents: list[tuple[float, float]], representatives: list[float],
@@ -67,7 +71,8 @@ def anchor_spans(extents: list[tuple[float, float]], representatives: list[float
 
 
 class PositionRegressor(nn.Module):
-    """Fine head of ``numclip``: ŷ = Σ_k p_k · (representative_k + stretch_k(t)), t = tanh(w·z + b) ∈ [−1, 1].
+    """Fine head of ``numclip-position`` (numclip 0.2's ``numclip``): ŷ = Σ_k p_k · (representative_k +
+    stretch_k(t)), t = tanh(w·z + b) ∈ [−1, 1].
 
     t says where inside its bin the image sits (−1: at the bin's low end, 0: its representative, 1: its high
     end); each bin maps t onto its own ``anchor_spans`` span. The position is read from the image features z,
@@ -98,6 +103,42 @@ class PositionRegressor(nn.Module):
         """Fine value (B,) from normalised image features (B×D) and raw coarse logits (B×K)."""
         t = torch.tanh(self.position(features.float()))
         return self.readout(logits.float().softmax(dim=-1), t)
+
+
+class OffsetRegressor(nn.Module):
+    """Fine head of ``numclip``: ŷ = clamp(Σ_k p_k · r_k + δ, L(p), H(p)), δ = w·z + b in the task unit.
+
+    The offset δ, read from the image features z, moves the expectation of the coarse distribution to where the
+    image sits, wherever the probability mass is: with 60 % on "one or two" dots and 40 % on "three or four", a
+    picture of 1 dot can still read 1 (the position head cannot read below 0.6·1 + 0.4·2.67 ≈ 1.67 there). The
+    bounds hold the guarantee of the other heads: the top bin's extent once it holds ``CONFIDENT`` of the mass,
+    the task range while it holds at most ``UNSURE``, linearly in between, so the value is continuous in p (the
+    top bin only changes where it holds at most half the mass) and never leaves the task range.
+    """
+
+    def __init__(self, dim: int, extents: list[tuple[float, float]], representatives: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("representatives", torch.tensor(representatives, dtype=torch.float32), persistent=False)
+        self.register_buffer("extents", torch.tensor(extents, dtype=torch.float32), persistent=False)  # K×2
+        self.offset = nn.Linear(dim, 1)
+        nn.init.normal_(self.offset.weight, std=0.001)  # δ ≈ 0 at start: the readout begins as Σ p_k r_k
+        nn.init.zeros_(self.offset.bias)
+
+    def bounds(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, H) per row of bin probabilities (B×K): the top bin's extent blended with the task range."""
+        top_p, top = probs.max(dim=-1)
+        trust = ((top_p - UNSURE) / (CONFIDENT - UNSURE)).clamp(0, 1)
+        low, high = self.extents[0, 0], self.extents[-1, 1]
+        return (1 - trust) * low + trust * self.extents[top, 0], (1 - trust) * high + trust * self.extents[top, 1]
+
+    def readout(self, probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """ŷ = clamp(Σ_k p_k r_k + δ, L, H) (B,) for probabilities (B×K) and offsets δ (B,), in the task unit."""
+        low, high = self.bounds(probs)
+        return torch.minimum(torch.maximum(probs @ self.representatives + delta, low), high)
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Fine value (B,) from normalised image features (B×D) and raw coarse logits (B×K)."""
+        return self.readout(logits.float().softmax(dim=-1), self.offset(features.float()).squeeze(-1))
 
 
 class FineRegressor(nn.Module):

@@ -2,7 +2,8 @@
 from the papers: docs/methods.md).
 
 - ``numclip``: coarse-to-fine NumCLIP (Du et al., ECCV 2024) — concept prompts per bin, coarse CE-FCRC, and a
-  fine head that reads where inside its bin the image sits from the image features (the default).
+  fine head that reads an offset from the image features and adds it to the bins' expectation (the default).
+- ``numclip-position``: numclip 0.2's default — the fine head reads one position inside the bin instead.
 - ``numclip-ssr``: NumCLIP as the reference builds it — adapter, SSR fine head on the coarse logits, KL-FCRC too.
 - ``l2rclip``: L2RCLIP (Wang et al., NeurIPS 2023) — one prompt per rank, RankFormer across the rank prompts,
   CE + the cross-modal ordinal pairwise loss. Trained single-stage: prompts, RankFormer and (when tuned) the
@@ -33,7 +34,7 @@ from torch import nn
 from numclip_cli.backbone import Backbone
 from numclip_cli.errors import TaskSpecError, UsageError
 from numclip_cli.losses import numclip_loss, ordinal_pairwise_loss, ordinalclip_kl
-from numclip_cli.model.heads import Adapter, FineRegressor, PositionRegressor, coarse_logits
+from numclip_cli.model.heads import Adapter, FineRegressor, OffsetRegressor, PositionRegressor, coarse_logits
 from numclip_cli.model.prompt import PromptEncoder
 from numclip_cli.model.ranks import InterpolatedRanks, RankFormer, base_positions, phrase_embedding
 from numclip_cli.tasks import TaskSpec
@@ -164,14 +165,15 @@ class CoOp(BinPrompts):
 
 
 class NumClip(OrdinalModel):
-    """Coarse-to-fine NumCLIP with the position head: learnable concept prompts, coarse logits trained with
-    CE-FCRC, and a fine value from where inside its bin the image features place the image (``PositionRegressor``).
-    Departs from the reference in three measured ways (docs/methods.md): no image adapter, no KL-FCRC term,
-    and a fine head that reads the image features at ``head_lr_scale``× the prompts' learning rate."""
+    """Coarse-to-fine NumCLIP with the offset head: learnable concept prompts, coarse logits trained with
+    CE-FCRC, and a fine value that moves the bins' expectation by an offset read from the image features
+    (``OffsetRegressor``). Departs from the reference in three measured ways (docs/methods.md): no image adapter,
+    a text-to-image KL term without the FCRC weights, and a fine head that reads the image features at
+    ``head_lr_scale``× the prompts' learning rate."""
 
     method = "numclip"
-    head_lr_scale = 10.0
-    with_kl = False
+    head_lr_scale = 30.0
+    kl: str | None = "plain"  # ``losses.numclip_loss``: the text-to-image KL without the FCRC weights
 
     def __init__(self, backbone: Backbone, task: TaskSpec) -> None:
         super().__init__(backbone, task)
@@ -182,7 +184,7 @@ class NumClip(OrdinalModel):
 
     def build_heads(self, task: TaskSpec) -> None:
         """The parts between the image features and the value."""
-        self.regressor = PositionRegressor(self.embed_dim, task.extents(), task.representatives())
+        self.regressor = OffsetRegressor(self.embed_dim, task.extents(), task.representatives())
 
     def head_modules(self) -> list[nn.Module]:
         """What ``build_heads`` made: the "head" parameter group."""
@@ -199,8 +201,8 @@ class NumClip(OrdinalModel):
         return Output(logits=logits, value=self.regressor(z, logits))
 
     def loss(self, out: Output, values: torch.Tensor, bins: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CE-FCRC (+ KL-FCRC for the reference head) + L1 on the fine value, all weight 1."""
-        return numclip_loss(out.logits, bins, out.value, values, with_kl=self.with_kl)
+        """CE-FCRC + the method's text-to-image KL term (if any) + L1 on the fine value, all weight 1."""
+        return numclip_loss(out.logits, bins, out.value, values, kl=self.kl)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """context, words, fine head (with the adapter, when there is one), image tower."""
@@ -212,13 +214,27 @@ class NumClip(OrdinalModel):
         }
 
 
+class NumClipPosition(NumClip):
+    """numclip 0.2's default: the fine value from where inside its bin the image features place the image
+    (``PositionRegressor``), the head at 10× the prompts' learning rate, no KL term. Format-2 checkpoints of
+    ``numclip`` load as this method."""
+
+    method = "numclip-position"
+    head_lr_scale = 10.0
+    kl = None
+
+    def build_heads(self, task: TaskSpec) -> None:
+        """One position inside the bin, from the image features."""
+        self.regressor = PositionRegressor(self.embed_dim, task.extents(), task.representatives())
+
+
 class NumClipSSR(NumClip):
     """NumCLIP as the reference builds it: image adapter, SSR-style fine head on the coarse logits, CE-FCRC +
     KL-FCRC + L1, the head at the prompts' learning rate."""
 
     method = "numclip-ssr"
     head_lr_scale = 1.0
-    with_kl = True
+    kl = "fcrc"
 
     def build_heads(self, task: TaskSpec) -> None:
         """CLIP-Adapter on the image features, SSR fine head on the coarse logits."""
@@ -388,7 +404,7 @@ class LinearProbe(RankModel):
 
 
 METHODS: dict[str, type[OrdinalModel]] = {
-    cls.method: cls for cls in (NumClip, NumClipSSR, L2RClip, OrdinalClip, CoOp, ZeroShot, LinearProbe)
+    cls.method: cls for cls in (NumClip, NumClipPosition, NumClipSSR, L2RClip, OrdinalClip, CoOp, ZeroShot, LinearProbe)
 }
 
 

@@ -79,7 +79,8 @@ def ordinalclip_kl(logits: Tensor, rank_labels: Tensor, target_scale: float = 10
     return _text_to_image_kl(logits, rank_labels, target_scale)
 
 
-KL_TERMS = ("fcrc", "plain")  # numclip_loss's text-to-image KL: the reference's weighted one, or unweighted
+# numclip_loss's text-to-image KL terms: the reference's weighted KL-FCRC, or the same KL unweighted
+KL_TERMS = {"fcrc": fcrc_kl, "plain": ordinalclip_kl}
 
 
 def numclip_loss(
@@ -92,8 +93,8 @@ def numclip_loss(
     terms = {"ce": fcrc_ce(logits, labels)}
     if kl is not None:
         if kl not in KL_TERMS:
-            raise ValueError(f"kl must be one of {KL_TERMS} or None, got {kl!r}")
-        terms["kl"] = fcrc_kl(logits, labels) if kl == "fcrc" else ordinalclip_kl(logits, labels)
+            raise ValueError(f"kl must be one of {tuple(KL_TERMS)} or None, got {kl!r}")
+        terms["kl"] = KL_TERMS[kl](logits, labels)
     terms["l1"] = F.l1_loss(fine_value, target_value.to(fine_value.dtype))
     return {**terms, "total": sum(terms.values())}
 

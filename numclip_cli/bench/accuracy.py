@@ -55,10 +55,11 @@ FEW_SHOT_PASSES = 600
 # lowered the test MAE of numclip and of ordinalclip alike (docs/results/numclip-design.json). The linear probe
 # trains only its head on cached features: an epoch costs milliseconds, so it gets 5× the epochs and a higher lr.
 PROMPT_RECIPE = {"lr": 3e-3, "image_lr": 3e-3}
+NUMCLIP_RECIPE = {**PROMPT_RECIPE, "tune_context": True}
 RECIPES: dict[str, dict[str, Any]] = {
-    "numclip": {**PROMPT_RECIPE, "tune_context": True},
-    "numclip-position": {**PROMPT_RECIPE, "tune_context": True},
-    "numclip-ssr": {**PROMPT_RECIPE, "tune_context": True},
+    "numclip": NUMCLIP_RECIPE,
+    "numclip-position": NUMCLIP_RECIPE,
+    "numclip-ssr": NUMCLIP_RECIPE,
     "l2rclip": PROMPT_RECIPE,
     "ordinalclip": PROMPT_RECIPE,
     "coop": PROMPT_RECIPE,

@@ -142,4 +142,8 @@ def test_unreadable_training_images_are_skipped_and_counted(train, small: Path, 
 def test_bad_options_are_usage_errors(train, run_cli, small: Path, tmp_path: Path) -> None:
     assert train(small, tmp_path / "x.safetensors", 1, "--milestones", "two").exit_code == 2
     assert train(small, tmp_path / "x.safetensors", 1, "--method", "nope").exit_code == 2
+    # the method is checked before the data is read: a bad name wins over a missing folder
+    result = run_cli(["train", "--data", tmp_path / "missing", *TINY, "--method", "nope"])
+    assert result.exit_code == 2 and "unknown method 'nope'" in result.stderr
+    assert "numclip-position" in result.stderr
     assert checked(run_cli(["train", "--data", tmp_path / "missing", *TINY])).exit_code == 1

@@ -43,6 +43,16 @@ AUTO_MILESTONES = (0.6, 0.85)  # shares of --epochs after which the LR drops ×0
 FEW_VALIDATION = 20  # fewer validation images than this: accuracy and QWK move in steps of 5 % or more
 
 
+def trainable_method(value: str) -> str:
+    """Option callback: a method that trains, checked before the data or the backbone is opened."""
+    if value in UNTRAINED_METHODS:
+        raise typer.BadParameter(f"{value} has nothing to train: `numclip predict --task T` without --checkpoint "
+                                 "runs it")
+    if value not in METHOD_NAMES:
+        raise typer.BadParameter(f"unknown method {value!r}: choose from {', '.join(TRAINABLE)}")
+    return value
+
+
 
 @handle_errors
 def train(
@@ -52,7 +62,8 @@ def train(
     task: TaskOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
-    method: Annotated[str, typer.Option("--method", help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
+    method: Annotated[str, typer.Option("--method", callback=trainable_method,
+                                        help=f"{', '.join(TRAINABLE)} (numclip: coarse-to-fine; "
                                         "numclip-position: numclip 0.2's fine head; "
                                         "numclip-ssr: the same as the NumCLIP reference builds it; "
                                         f"{', '.join(UNTRAINED_METHODS)} needs no training).")] = "numclip",

@@ -130,6 +130,18 @@ def remove_stale_temps(target: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
+def naming_full_disk(shown: str) -> Iterator[None]:
+    """A full disk inside the block (a write, a flush, a close) becomes a one-line ``NumclipError`` naming
+    ``shown``, for what is written in place (a device, a FIFO, standard output): there is no previous file to keep."""
+    try:
+        yield
+    except OSError as exc:
+        if no_space(exc):
+            raise NumclipError(f"no space left while writing {shown} ({os.strerror(exc.errno)})") from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Open ``path`` for a complete rewrite: a temp file beside it replaces it on clean exit, is removed on error.
 
@@ -139,7 +151,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     shown = Path(path)
     existing = target_mode(shown)
     if existing is not None and is_stream(existing):
-        with open(shown, mode, **kwargs) as handle:
+        with naming_full_disk(str(shown)), open(shown, mode, **kwargs) as handle:
             yield handle
         return
     target = final_path(shown)

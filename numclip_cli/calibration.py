@@ -207,8 +207,10 @@ class Calibration:
                               skipped=int(data.get("skipped", 0)), warnings=list(data.get("warnings", [])),
                               conformal="per-bin" if per_bin else "global", holdout=dict(data.get("holdout", {})),
                               achieved=data.get("achieved"), nonfinite=int(data.get("nonfinite", 0)))
-            if not math.isfinite(calibration.temperature) or calibration.temperature <= 0:
-                raise ValueError(f"temperature {calibration.temperature} is not a positive number")
+            low, high = TEMPERATURE_BOUNDS  # all calibrate ever fits (give or take rounding in the search)
+            if not low * (1 - 1e-9) <= calibration.temperature <= high * (1 + 1e-9):
+                raise ValueError(f"temperature {calibration.temperature:g} is outside {low:g}-{high:g}, the range "
+                                 f"calibrate fits in")
             if len(calibration.set_scores) != calibration.n or calibration.n < MIN_SAMPLES:
                 raise ValueError("score lists are missing or of different lengths")
             if per_bin:

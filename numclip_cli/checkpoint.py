@@ -37,6 +37,7 @@ _JSON_FIELDS = ("task", "backbone", "preprocess", "train", "calibration", "resum
 OPTIM_PREFIX = "optim."
 BACKBONE_PREFIX = "clip."
 VISUAL_PREFIX = "clip.visual."
+_OPTIM_ENTRY = re.compile(r"([0-9]{1,9})\.([A-Za-z_][A-Za-z0-9_]*)")  # <parameter index>.<state key>
 # what a backbone name in metadata may look like: an open_clip architecture name, never a path or a schema
 BACKBONE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -82,7 +83,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
                               f"(this numclip reads formats {', '.join(METHOD_RENAMES)}); upgrade numclip")
     try:
         fields = {name: json.loads(meta[name]) for name in _JSON_FIELDS if name in meta}
-        task = task_from_dict(fields["task"], source=f"{path}: task")
+        task = task_from_dict(fields["task"], source="task")
         method, backbone = meta["method"], fields["backbone"]
         method = METHOD_RENAMES[meta[FORMAT_KEY]].get(method, method)
         if not (isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
@@ -99,7 +100,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             Preprocessing.from_metadata(fields["preprocess"])
     except CheckpointError:
         raise
-    except (KeyError, ValueError, NumclipError) as exc:  # json.JSONDecodeError is a ValueError
+    except (KeyError, ValueError, RecursionError, NumclipError) as exc:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: damaged metadata: {one_line(exc)}") from None
     return Checkpoint(tensors=tensors, task=task, method=method, backbone=backbone, train=fields.get("train", {}),
                       calibration=fields.get("calibration"), resume=fields.get("resume"),
@@ -180,15 +181,18 @@ def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], resume: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer state ``optimizer_tensors`` split into tensors and ``resume`` metadata, put back together."""
+    """The optimizer state ``optimizer_tensors`` split into tensors and ``resume`` metadata, put back together;
+    an entry not named ``<parameter index>.<key>`` is a ``ValueError``."""
+    scalars = resume.get("optimizer_scalars", {})
+    if not isinstance(scalars, dict):
+        raise ValueError("'optimizer_scalars' is not a table")
+    entries = [(name[len(OPTIM_PREFIX):], value) for name, value in tensors.items() if name.startswith(OPTIM_PREFIX)]
     state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith(OPTIM_PREFIX):
-            index, key = name[len(OPTIM_PREFIX):].split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in resume.get("optimizer_scalars", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+    for name, value in [*entries, *scalars.items()]:
+        match = _OPTIM_ENTRY.fullmatch(name)
+        if not match:
+            raise ValueError(f"optimizer state entry {name[:80]!r} is not '<parameter index>.<key>'")
+        state.setdefault(int(match[1]), {})[match[2]] = value
     return {"state": state, "param_groups": resume["param_groups"]}
 
 

@@ -8,8 +8,10 @@ Images that fail to decode during training are skipped and counted, never replac
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from numclip_cli.tasks import TaskSpec
 from numclip_cli.textfiles import MAX_DATA_LIST_BYTES, read_text_file
 
 _MAX_REPORTED = 5
+_LINE_END = re.compile(r"\r\n|\r|\n")  # the line ends of universal newlines, and no others
 
 
 @dataclass
@@ -99,20 +102,22 @@ def _folder_rows(root: Path) -> list[tuple[str, str, str]]:
 
 def _table_rows(path: Path, text: str) -> list[tuple[str, str, str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # the csv module splits the lines itself: a quoted field may hold a newline, and only \r and \n end a line
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     fields = [f.strip().lower() for f in reader.fieldnames or []]
     if "path" not in fields or "label" not in fields:
         raise DataError(f"{path}:1: expected a header with 'path' and 'label' columns, got {reader.fieldnames}")
     rows = []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
         row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-        rows.append((f"{path}:{line}", str(path.parent / row["path"].strip()), row["label"]))
+        rows.append((f"{path}:{reader.line_num}", str(path.parent / row["path"].strip()), row["label"]))
     return rows
 
 
 def _list_rows(path: Path, content: str) -> list[tuple[str, str, str]]:
     rows = []
-    for line, text in enumerate(content.splitlines(), start=1):
+    # universal newlines only (str.splitlines would also split a name at U+2028, NEL or a form feed)
+    for line, text in enumerate(_LINE_END.split(content), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
             continue
         parts = text.rstrip().rsplit(None, 1)  # the label is the last field: paths may contain spaces

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,6 +35,9 @@ FORMAT = "1"
 FORMAT_KEY = "numclip.features"
 TENSOR = "features"
 _CHUNK = 1 << 20
+# An image file larger than this is not cached, so hashing it never reads more: an image within the decoder's
+# pixel limit is far smaller (89.5 million pixels of uncompressed 16-bit RGBA are 0.7 GiB).
+MAX_CACHED_FILE_BYTES = 1 << 30
 
 
 def cache_home() -> Path:
@@ -64,15 +68,28 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def file_digest(path: str) -> str | None:
-    """SHA-256 of a file's bytes; None when it cannot be read (the image loader then reports why)."""
-    digest = hashlib.sha256()
+    """SHA-256 of a regular file's bytes; None when the path is not a regular file, is larger than
+    ``MAX_CACHED_FILE_BYTES`` or cannot be read (the image loader then reports why, or decodes it uncached).
+
+    Like the image loader, it never blocks on or streams from a FIFO or device: the file is opened non-blocking
+    and its type and size are checked on the opened descriptor before a byte is read.
+    """
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    except OSError:
+        handle = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
-    return digest.hexdigest()
+    with handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHED_FILE_BYTES:
+            return None
+        digest, left = hashlib.sha256(), MAX_CACHED_FILE_BYTES + 1  # a file growing meanwhile is cut off
+        try:
+            while left and (chunk := handle.read(min(_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+        except OSError:
+            return None
+    return digest.hexdigest() if left else None
 
 
 @dataclass

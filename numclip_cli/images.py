@@ -31,6 +31,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Longest side / shortest side beyond which only the centre is kept (see the module docstring). Phone panoramas
 # stay below ~10:1, so ordinary photos are never cut; 20 x 224^2 px is 3 MB of RGB for ViT-B-16.
 MAX_ASPECT_RATIO = 20
+# The only Pillow decoders ever asked to read a file: raster formats decoded in-process. Without the list, Pillow
+# tries every plugin it has, and its EPS plugin hands a PostScript file (whatever its name) to Ghostscript, a
+# program that interprets code. JPEG's opener also reads the multi-picture JPEGs (MPO) many phones write.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA")
 
 _WHITE = (255, 255, 255, 255)
 _UINT16_MAX = 65535
@@ -56,7 +60,7 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS)
             # Pillow's header-time bomb warning: the check below replaces it, names W x H and honours a
             # max_pixels above Pillow's limit (Pillow itself still refuses anything above twice its limit).
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(path, formats=FORMATS) as im:
                 _check_size(im.size, max_pixels)
                 # Past the header, a bomb warning (e.g. an oversized TIFF tile or GIF disposal area) is fatal.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,7 +80,7 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS)
     except PermissionError as e:
         raise ImageLoadError("permission denied") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageLoadError("not a recognised image format") from e
+        raise ImageLoadError(f"not a recognised image format (numclip reads {', '.join(FORMATS)})") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"image too large: {e}") from e
     except MemoryError as e:

@@ -11,11 +11,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from numclip_cli.atomic import check_writable_targets, final_path, is_stream, target_mode
 from numclip_cli.errors import NumclipError, UsageError
+
+# The lock descriptors this process holds. A forked child (a DataLoader decoding worker) shares each one's flock,
+# so it closes its copies at once: otherwise workers orphaned by a killed run would hold its locks for as long as
+# they linger, and the next run would be refused in the name of a dead process.
+_HELD: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -52,6 +69,7 @@ def _acquire(lock: Path, path: str | os.PathLike, option: str) -> int | None:
             if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _HELD.add(fd)
                 return fd
         os.close(fd)
 
@@ -71,6 +89,7 @@ def output_lock(path: str | os.PathLike, option: str) -> Iterator[None]:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(lock)  # while still holding it: a waiting process then sees a different file
+            _HELD.discard(fd)
             os.close(fd)
 
 
@@ -93,3 +112,30 @@ def claim_outputs(*targets: tuple[str, str | os.PathLike | None], lock: bool = T
             for option, path in given:
                 stack.enter_context(output_lock(path, option))
         yield
+
+
+Target = tuple[str, "str | os.PathLike | None"]  # (what names it: an option or a description, its path or None)
+
+
+def refuse_inputs_as_outputs(outputs: Iterable[Target], inputs: Iterable[Target]) -> None:
+    """Exit 2 if an output is one of the files the command reads: writing it would destroy its own input (a
+    checkpoint, an image, a data list, a task spec). Files are compared by identity (device and inode), so
+    another spelling, a hard link or a symlink of the same file is caught; only outputs that already exist are
+    compared (a file yet to be created is nobody's input), so the inputs are looked at only then."""
+    existing: dict[tuple[int, int], tuple[str, str | os.PathLike]] = {}
+    for option, path in outputs:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL byte in the path
+            info = os.stat(path) if path is not None else None
+            if info is not None and stat.S_ISREG(info.st_mode):
+                existing[info.st_dev, info.st_ino] = (option, path)
+    if not existing:
+        return
+    for what, path in inputs:
+        with contextlib.suppress(OSError, ValueError):
+            if path is None:
+                continue
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) in existing:
+                option, target = existing[info.st_dev, info.st_ino]
+                raise UsageError(f"{option} {target} is {what} {path}: writing it would destroy what this "
+                                 f"command reads; choose another {option}")

@@ -19,6 +19,10 @@ IMAGE_KEYS = {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fi
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
 MAX_FACE_MARGIN = 10.0
+# Normalisation of pixels in [0, 1]: every open_clip model's values lie far inside these (CLIP: mean ≈ 0.45, std
+# ≈ 0.27); beyond them a stored value can only blow the image tower's input up to inf/NaN.
+MAX_MEAN = 10.0
+STD_RANGE = (1e-3, 10.0)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class Preprocessing:
 
     @classmethod
     def from_metadata(cls, data: Any) -> Preprocessing:
-        """Validate stored settings (``ValueError`` naming the field): only values open_clip supports, finite
-        numbers, and nothing that is a path."""
+        """Validate stored settings (``ValueError`` naming the field): only values open_clip supports, numbers in
+        sane ranges, and nothing that is a path."""
         if not isinstance(data, dict) or set(data) - {"image", "faces", "face_margin"}:
             raise ValueError("preprocess must hold image, faces and face_margin")
         image = data.get("image")
@@ -59,12 +63,12 @@ class Preprocessing:
         sides = [size] if isinstance(size, int) else size if isinstance(size, list) and len(size) == 2 else None
         if not sides or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 4096 for s in sides):
             raise ValueError("preprocess.image.size must be a positive integer or [height, width]")
-        for key in ("mean", "std"):
+        for key, (low, high) in (("mean", (-MAX_MEAN, MAX_MEAN)), ("std", STD_RANGE)):
             values = image[key]
             if not (isinstance(values, list) and len(values) == 3
-                    and all(_number(v) and (key == "mean" or v > 0) for v in values)):
+                    and all(_number(v) and low <= v <= high for v in values)):
                 raise ValueError(f"preprocess.image.{key} must be three finite numbers" +
-                                 (" above 0" if key == "std" else ""))
+                                 (" above 0" if key == "std" else "") + f" (from {low:g} to {high:g})")
         for key, allowed in (("mode", ("RGB",)), ("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES)):
             if key in image and image[key] not in allowed:
                 raise ValueError(f"preprocess.image.{key} must be one of {', '.join(allowed)}")

@@ -37,6 +37,9 @@ SELECT_METRICS = ("mae", "mae_levels")  # checkpoint selection: lower is better 
 _MAX_INTEGER_RANKS = 1000
 _MAX_BINS = 1000  # each bin is a prompt through the text tower (and a column of every loss): bound the work
 _MAX_CS_AT = 8
+# Bin edges and tolerances: far beyond any real quantity in any unit, and small enough that sums and midpoints of
+# task values (representatives, boundaries, intervals) stay finite.
+MAX_VALUE = 1e12
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,14 @@ def task_from_dict(data: Any, source: str = "task spec") -> TaskSpec:
 
 
 def _text(data: dict, field: str, source: str, default: str | None = None) -> str:
-    value = data.get(field, default)
+    if field not in data:
+        if default is None:
+            raise TaskSpecError(f"{source}: missing field '{field}'")
+        return default
+    value = data[field]
     if value is None:
-        raise TaskSpecError(f"{source}: missing field '{field}'")
+        raise TaskSpecError(f"{source}: field '{field}' is null; it must be a " +
+                            ("non-empty string" if default is None else f"string, or left out for {default!r}"))
     if not isinstance(value, str) or (not value.strip() and default is None):
         raise TaskSpecError(f"{source}: field '{field}' must be a non-empty string")
     return value
@@ -195,10 +203,12 @@ def _text(data: dict, field: str, source: str, default: str | None = None) -> st
 
 def _number(raw: dict, field: str, where: str) -> float:
     value = raw.get(field)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1e15:
-        raise TaskSpecError(f"{where}: field '{field}' is out of range ({value})")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not math.isfinite(value)):
         raise TaskSpecError(f"{where}: field '{field}' must be a finite number, got {value!r}")
+    if abs(value) > MAX_VALUE:  # before float(): a huge integer does not fit in one
+        raise TaskSpecError(f"{where}: field '{field}' is out of range: task values must be within "
+                            f"±{MAX_VALUE:,.0f}")
     return float(value)
 
 

@@ -39,7 +39,7 @@ from numclip_cli.checkpoint import (
 )
 from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
-from numclip_cli.errors import CheckpointError, NumclipError, UsageError
+from numclip_cli.errors import CheckpointError, NumclipError, UsageError, one_line
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
 from numclip_cli.feature_cache import FeatureCache, image_features
 from numclip_cli.model.methods import OrdinalModel, create_model
@@ -306,6 +306,9 @@ class Trainer:
             on_step: Callable[[int, int, float], None] = lambda *_: None,
             on_epoch: Callable[[EpochReport], None] = lambda _: None) -> TrainResult:
         """Train for the configured epochs (from ``start_epoch`` when resumed), checkpointing every epoch."""
+        if self.start_epoch == self.config.epochs and self.best_epoch >= 1 and not out.exists():
+            raise CheckpointError(f"{out}: not found, and {last_path(out)} shows the run already finished its "
+                                  f"{self.config.epochs} epoch(s): to train more, resume with a larger --epochs")
         baseline = metrics.mae(torch.full((len(val),), statistics.median(train.values)), torch.tensor(val.values))
         history = list(self.history)
         for epoch in range(self.start_epoch, self.config.epochs):
@@ -361,20 +364,126 @@ class Trainer:
                                           preprocess=preprocess.to_metadata()))
 
     def resume_from(self, path: Path) -> int:
-        """Restore model, optimizer and scheduler from a ``last`` checkpoint; returns the epochs already done."""
+        """Restore model, optimizer and scheduler from a ``last`` checkpoint; returns the epochs already done.
+
+        The resume state is checked whole before anything is restored: damage (a wrong type, a missing key, an
+        epoch count out of range, optimizer state that does not fit this model) is one ``CheckpointError``.
+        """
         ckpt = read_checkpoint(path)
         if not ckpt.resume:
             raise CheckpointError(f"{path}: has no resume state (only '*.last.safetensors' files can be resumed)")
         if ckpt.method != self.config.method or ckpt.task != self.task:
             raise UsageError(f"{path}: was trained with method {ckpt.method!r} on task {ckpt.task.name!r}; "
                              f"resume with the same --method and --task")
+        try:
+            epoch, optimizer, scheduler, history = self._resume_state(ckpt)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"missing {exc}" if isinstance(exc, KeyError) else one_line(exc)
+            raise CheckpointError(f"{path}: holds damaged resume state ({problem}): delete it or train without "
+                                  f"--resume") from None
+        if epoch > self.config.epochs:
+            raise UsageError(f"{path}: the run already trained {epoch} epochs, more than --epochs "
+                             f"{self.config.epochs}: resume with --epochs {epoch} or more")
         load_state(self.model, ckpt.model_tensors(), str(path), require_backbone=self.backbone.stored_in_checkpoint)
-        self.optimizer.load_state_dict(optimizer_state(ckpt.tensors, ckpt.resume))
-        scheduler = dict(ckpt.resume["scheduler"])
-        scheduler["milestones"] = Counter({int(k): v for k, v in scheduler["milestones"].items()})
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(scheduler)
-        self.start_epoch = int(ckpt.resume["epoch"])
-        self.best_score, self.best_epoch = float(ckpt.resume["best_score"]), int(ckpt.resume["best_epoch"])
-        self.history = [EpochReport(**report) for report in ckpt.resume.get("history", [])]
-        return self.start_epoch
+        self.start_epoch, self.history = epoch, history
+        self.best_score, self.best_epoch = float(ckpt.resume["best_score"]), ckpt.resume["best_epoch"]
+        return epoch
 
+    def _resume_state(self, ckpt: Checkpoint) -> tuple[int, dict[str, Any], dict[str, Any], list[EpochReport]]:
+        """(epochs done, optimizer state, scheduler state, history) of a ``last`` checkpoint, checked against this
+        trainer's fresh optimizer and scheduler; damage is a ``ValueError`` (or ``KeyError``/``TypeError``)."""
+        resume = ckpt.resume
+        if not isinstance(resume, dict):
+            raise ValueError(f"a {type(resume).__name__}, not a table")
+        epoch = resume["epoch"]
+        if not _is_count(epoch):
+            raise ValueError(f"epoch {epoch!r:.40} is not a count of epochs")
+        if not isinstance(resume["history"], list) or len(resume["history"]) != epoch:
+            raise ValueError(f"the history does not list its {epoch} epoch(s)")
+        history = [_epoch_report(entry, number) for number, entry in enumerate(resume["history"], start=1)]
+        best_epoch, best_score = resume["best_epoch"], resume["best_score"]
+        if type(best_epoch) is not int or not (best_epoch == -1 or 1 <= best_epoch <= epoch):
+            raise ValueError(f"best_epoch {best_epoch!r:.40} is not -1 or an epoch from 1 to {epoch}")
+        if not _is_number(best_score) or math.isnan(best_score):
+            raise ValueError(f"best_score {best_score!r:.40} is not a number")
+        optimizer = optimizer_state(ckpt.tensors, resume)
+        _check_optimizer_state(optimizer, self.optimizer)
+        return epoch, optimizer, _scheduler_state(resume["scheduler"], self.scheduler, epoch), history
+
+
+_RADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what torch's RAdam keeps per parameter
+_RADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # shaped like the parameter
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _fits(value: Any, fresh: Any, exact: bool) -> bool:
+    """Whether stored JSON ``value`` can stand where a freshly built trainer has ``fresh``: a finite number ≥ 0
+    for a number; for anything else the same type (a list: as long, item by item), or with ``exact`` the same
+    value."""
+    if _is_number(fresh):
+        return _is_number(value) and math.isfinite(value) and value >= 0
+    if exact:
+        return value == fresh
+    if isinstance(fresh, list):
+        return isinstance(value, list) and len(value) == len(fresh) and all(
+            _fits(v, f, exact) for v, f in zip(value, fresh, strict=True))
+    return type(value) is type(fresh)
+
+
+def _epoch_report(entry: Any, epoch: int) -> EpochReport:
+    """One stored ``history`` entry: epoch ``epoch``'s report."""
+    if (not isinstance(entry, dict) or set(entry) != set(EpochReport.__dataclass_fields__)
+            or type(entry["epoch"]) is not int or entry["epoch"] != epoch or not _is_count(entry["skipped"])
+            or not all(_is_number(entry[key]) for key in ("train_loss", "seconds"))
+            or not isinstance(entry["val"], dict) or not all(_is_number(v) for v in entry["val"].values())):
+        raise ValueError(f"history entry {entry!r:.80} is not the report of epoch {epoch}")
+    return EpochReport(**entry)
+
+
+def _check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """``ValueError`` unless ``state`` fits ``optimizer``: the same parameter groups (with finite, non-negative
+    hyperparameters) and RAdam's per-parameter state shaped like each parameter."""
+    groups, fresh = state["param_groups"], jsonable(optimizer.state_dict()["param_groups"])
+    if not (isinstance(groups, list) and len(groups) == len(fresh) and all(
+            isinstance(group, dict) and all(key in group and _fits(group[key], value, exact=True)
+                                            for key, value in own.items())
+            for group, own in zip(groups, fresh, strict=True))):
+        raise ValueError(f"the optimizer's parameter groups do not match this run's {[g['name'] for g in fresh]}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in state["state"].items():
+        if index >= len(params) or set(entries) != _RADAM_STATE:
+            raise ValueError(f"optimizer state {sorted(entries)} for parameter {index} does not fit this run's "
+                             f"{len(params)} parameters")
+        step = entries["step"]
+        if not (_is_number(step) or isinstance(step, torch.Tensor) and step.numel() == 1):
+            raise ValueError(f"optimizer step of parameter {index} is not a number")
+        for key in _RADAM_MOMENTS:
+            value = entries[key]
+            if not isinstance(value, torch.Tensor) or value.shape != params[index].shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"optimizer {key} of parameter {index} is {shape}, the parameter is "
+                                 f"{tuple(params[index].shape)}")
+
+
+def _scheduler_state(raw: Any, scheduler: torch.optim.lr_scheduler.MultiStepLR, epoch: int) -> dict[str, Any]:
+    """The stored scheduler state, checked against a fresh ``scheduler``'s fields, with its milestones back as
+    the ``Counter`` MultiStepLR keeps (JSON has only string keys)."""
+    fresh = jsonable(scheduler.state_dict())
+    if not isinstance(raw, dict) or not all(key in raw and _fits(raw[key], value, exact=False)
+                                            for key, value in fresh.items()):
+        raise ValueError(f"the scheduler state lacks or mistypes one of {sorted(fresh)}")
+    if raw["last_epoch"] != epoch:
+        raise ValueError(f"the scheduler stopped at epoch {raw['last_epoch']}, not {epoch}")
+    milestones = raw["milestones"]
+    if not all(key.isdecimal() and len(key) < 10 and _is_count(count) for key, count in milestones.items()):
+        raise ValueError("the scheduler's milestones are not epochs with counts")
+    return {**raw, "milestones": Counter({int(key): count for key, count in milestones.items()})}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ def test_bad_hyperparameters_are_usage_errors_before_any_work(run_cli, tmp_path:
     result = run_cli(["train", "--data", tmp_path / "missing", *TINY, option, value])
     assert result.exit_code == 2, result.output
     assert option in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "missing"], ["predict", "missing.png"],
+                                     ["calibrate", "--checkpoint", "missing.safetensors", "--data", "missing"]])
+def test_workers_beyond_four_per_core_are_refused_before_any_work(run_cli, command: list[str]) -> None:
+    """--workers 100000 once forked processes until memory ran out; now it is a usage error naming the limit."""
+    result = run_cli([*command, "--workers", "100000"])
+    assert result.exit_code == 2, result.output
+    assert f"more than {4 * (os.cpu_count() or 1)}" in result.stderr
 
 
 def test_a_run_without_a_finite_validation_score_says_so_and_keeps_the_old_file(run_cli, fill: Path,

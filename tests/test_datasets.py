@@ -73,6 +73,21 @@ def test_problems_are_reported_with_file_and_line(images: list[Path], tmp_path: 
     assert "image not found" in message and "outside the task range" in message
 
 
+def test_names_holding_line_breaks_are_read_as_written(tmp_path: Path) -> None:
+    """A quoted CSV field may hold a newline (the csv module's rules, not str.splitlines), and a list line ends
+    only at \\r, \\n or \\r\\n: U+2028, NEL and a form feed are characters of the name."""
+    names = ["new\nline.png", "sep\u2028arator.png", "nel\x85.png", "form\x0cfeed.png"]
+    for i, name in enumerate(names):
+        render("dots", i + 1, seed=i).save(tmp_path / name, format="PNG")
+    (tmp_path / "newline.png").write_bytes((tmp_path / names[0]).read_bytes())  # what splitting at \n reads
+    quoted = "".join(f'"{name}",{1930 + 10 * i}\n' for i, name in enumerate(names))
+    (tmp_path / "l.csv").write_text("path,label\r\n" + quoted, newline="")
+    table = load_samples(tmp_path / "l.csv", HCI)
+    assert [Path(p).name for p in table.paths] == names and table.values == [1930.0, 1940.0, 1950.0, 1960.0]
+    (tmp_path / "l.txt").write_text("".join(f"{name} 1961\r\n" for name in names[1:]), newline="")
+    assert [Path(p).name for p in load_samples(tmp_path / "l.txt", HCI).paths] == names[1:]
+
+
 def test_csv_without_header_is_reported(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("a.png,3\n")
     with pytest.raises(DataError, match="x.csv:1"):
@@ -199,3 +214,11 @@ def test_train_shots_cli_trains_on_k_per_rank_and_validates_on_the_rest(run_cli,
     assert summary["n_train"] == 20 and summary["n_val"] == round(0.2 * 40)
     data = read_checkpoint(out).train["data"]
     assert "2 per rank" in data["train"]
+
+
+def test_train_shots_that_take_every_image_say_what_to_do(run_cli, tmp_path: Path) -> None:
+    write_dataset("dots", tmp_path / "dots", n=20, seed=0)
+    result = run_cli(["train", "--data", tmp_path / "dots", "--model", "numclip-tiny", "--pretrained", "none",
+                      "--offline", "--device", "cpu", "--shots", "1000", "--out", tmp_path / "m.safetensors"])
+    assert result.exit_code == 1, result.output
+    assert "--shots 1000 puts every image" in result.stderr and "give --val DATA or a smaller --shots" in result.stderr

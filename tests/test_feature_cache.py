@@ -3,15 +3,20 @@ rebuilt, and anything that changes the features (weights, preprocessing, faces, 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from numclip_cli import feature_cache
 from numclip_cli.backbone import load_backbone
 from numclip_cli.datasets import load_samples
-from numclip_cli.feature_cache import FeatureCache, default_cache_dir
+from numclip_cli.feature_cache import FeatureCache, default_cache_dir, file_digest
 from numclip_cli.synthetic import task_spec, write_dataset
 from numclip_cli.trainer import TrainConfig, Trainer
 
@@ -155,3 +160,45 @@ def test_cli_calibrate_reads_the_cache_on_a_second_run(run_cli, samples, tmp_pat
         reports.append(json.loads(report.read_text()))
     assert reports[0]["temperature"] == reports[1]["temperature"]
     assert reports[0]["metrics"] == reports[1]["metrics"]
+
+
+def _digest_within(path: Path, seconds: float = 10.0) -> str | None:
+    """file_digest(path), failing the test instead of hanging if it blocks (a daemon thread is left behind)."""
+    result: list[str | None] = []
+    worker = threading.Thread(target=lambda: result.append(file_digest(str(path))), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"file_digest({path}) did not return within {seconds} s"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_fifo_a_device_or_an_oversized_file_is_not_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache hashes a file before the image loader checks it: a FIFO among the images (or a link to one)
+    must not block, a device must not stream forever, and a huge (here: sparse) file is not read at all."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "pipe.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    monkeypatch.setattr(feature_cache, "MAX_CACHED_FILE_BYTES", 1 << 20)
+    with open(tmp_path / "sparse.png", "wb") as sparse:
+        sparse.truncate((1 << 20) + 1)
+    for name in ("pipe.png", "link.png", "zero.png", "sparse.png", "missing.png"):
+        assert _digest_within(tmp_path / name) is None, name
+    (tmp_path / "small.png").write_bytes(b"x" * 5000)
+    assert _digest_within(tmp_path / "small.png") == hashlib.sha256(b"x" * 5000).hexdigest()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_cli_train_on_frozen_features_skips_a_fifo_in_the_dataset(numclip_bin: Path, clean_env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """In a real process with a time limit: before the fix this run blocked forever on the FIFO."""
+    data = tmp_path / "dots"
+    write_dataset("dots", data, n=12, seed=3)
+    os.mkfifo(next(folder for folder in sorted(data.iterdir()) if folder.is_dir()) / "zz.png")
+    done = subprocess.run(
+        [numclip_bin, "train", "--data", data, "--model", "numclip-tiny", "--pretrained", "none", "--offline",
+         "--device", "cpu", "--method", "linear-probe", "--epochs", "1", "--workers", "0", "--freeze-image",
+         "--val-split", "0.25", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "m.safetensors"],
+        env=clean_env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "unreadable image(s) skipped" in done.stderr

@@ -230,3 +230,19 @@ def test_fuzz_mutated_headers(scratch: Path, name: str, mutations: list[tuple[in
     path = scratch / f"mutated{FORMATS[name][0]}"
     path.write_bytes(bytes(data))
     assert_rgb_or_one_line_error(timed_load(path))
+
+
+def test_postscript_is_never_handed_to_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's EPS plugin runs Ghostscript on a PostScript file whatever its name; numclip asks only its raster
+    decoders. A stand-in ``gs`` first on PATH records any call: none may happen."""
+    calls = tmp_path / "gs-calls.log"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n[ "$1" = --version ] && echo 10.0\nexit 0\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    page = tmp_path / "photo.jpg"
+    page.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+    with pytest.raises(ImageLoadError, match="not a recognised image format"):
+        load_rgb(page)
+    assert not calls.exists()

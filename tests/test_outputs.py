@@ -285,6 +285,29 @@ def test_a_killed_writer_does_not_block_the_next_run(run_cli, synthetic_images, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # the lock file is gone after a clean run
 
 
+def test_a_child_the_killed_writer_forked_does_not_hold_its_lock(run_cli, synthetic_images, tmp_path: Path) -> None:
+    """A decoding worker is a fork of the writer and shares its flock; if the writer is killed, the worker must
+    not keep the output locked while it lingers."""
+    out = tmp_path / "out.jsonl"
+    code = ("import os, sys, time\nfrom numclip_cli.locking import output_lock\n"
+            "with output_lock(sys.argv[1], '--output'):\n"
+            "    child = os.fork()\n"
+            "    if child == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+            "    print(child, flush=True)\n    sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        result = run_cli(["predict", synthetic_images[0], *MODEL, "--workers", "0", "--output", out])
+        assert result.exit_code == 0, result.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        holder.communicate()
+
+
 def test_one_output_file_for_two_options_is_a_usage_error(run_cli, synthetic_dir: Path, tmp_path: Path,
                                                           no_work: list[str]) -> None:
     out = tmp_path / "model.safetensors"

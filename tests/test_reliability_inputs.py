@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from numclip_cli.images import FORMATS
+
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 ODD_NAMES = ["with space.png", "ünïcödé 图片.png", "-x.png", "--looks-like-an-option.png", "tab\there.png"]
@@ -93,7 +95,8 @@ def test_files_that_change_between_listing_and_reading(run_cli, tmp_path: Path, 
     folder.mkdir()
     want = {"vanished.png": "no such file", "now_dir.png": "is a directory", "now_fifo.png": "not a regular file",
             "emptied.png": "empty file", "truncated.png": "truncated or corrupt image data",
-            "now_text.png": "not a recognised image format", "replaced.png": "ok", "kept.png": "ok"}
+            "now_text.png": f"not a recognised image format (numclip reads {', '.join(FORMATS)})",
+            "replaced.png": "ok", "kept.png": "ok"}
     for i, name in enumerate(want):
         shutil.copy(synthetic_images[i], folder / name)
     listing = numclip_cli.inputs.expand_inputs

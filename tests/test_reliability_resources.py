@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,19 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(run_cli, sy
                                              f"(No space left on device); the previous model.safetensors is intact")
     assert out.read_bytes() == b"the previous checkpoint"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("where", ["--output", "stdout"])
+def test_a_full_device_or_standard_output_is_named_in_one_line(where: str, numclip_bin: Path, clean_env,
+                                                               synthetic_images, tmp_path: Path) -> None:
+    """Written in place (no temp file, no previous file to keep): /dev/full always answers ENOSPC."""
+    command = [numclip_bin, "predict", *synthetic_images[:2], *MODEL, "--workers", "0", "--format", "jsonl"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command + (["--output", "/dev/full"] if where == "--output" else []), env=clean_env,
+                              stdout=full if where == "stdout" else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    shown = "/dev/full" if where == "--output" else "standard output"
+    assert done.returncode == 1, done.stderr
+    assert one_error_line(done.stderr) == (f"numclip: error: no space left while writing {shown} "
+                                           "(No space left on device)")

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from numclip_cli.cli.common import (
+    MAX_SEED,
     BatchSizeOpt,
     CacheDirOpt,
     DeviceOpt,
@@ -53,7 +54,7 @@ def calibrate(
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Share of --data (of every bin, seeded) kept out of the fit to measure the coverage and "
                           "metrics the calibration achieves; 0 fits on all of it and measures nothing.")] = 0.25,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the held-out split.")] = 0,
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = None,
@@ -76,7 +77,7 @@ def calibrate(
     from numclip_cli.evaluation import collect
     from numclip_cli.factory import SHIPPED_CHECKPOINTS, create_model_and_transforms
     from numclip_cli.feature_cache import FeatureCache
-    from numclip_cli.locking import claim_outputs
+    from numclip_cli.locking import claim_outputs, refuse_inputs_as_outputs
     from numclip_cli.predictor import Predictor
 
     calibration.check_coverage(coverage)
@@ -85,8 +86,8 @@ def calibrate(
     if out is None and str(checkpoint) in SHIPPED_CHECKPOINTS:
         raise UsageError(f"{checkpoint} is a shipped checkpoint: write the calibrated copy with --out FILE")
     # outputs are checked and locked before any work, until the command ends
-    ctx.with_resource(claim_outputs(
-        ("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)))
+    outputs = [("--out", out) if out else ("--checkpoint", checkpoint), ("--plot", plot), ("--json", json_out)]
+    ctx.with_resource(claim_outputs(*outputs))
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     from numclip_cli.precision import resolve_precision
@@ -95,6 +96,9 @@ def calibrate(
     loaded = create_model_and_transforms(dev, checkpoint=checkpoint)
     model, ckpt = loaded.model, loaded.checkpoint
     samples = load_samples(data, ckpt.task)
+    refuse_inputs_as_outputs(  # the checkpoint itself may be rewritten in place (no --out): it is read by then
+        outputs[1:] if out is None else outputs,
+        [("--checkpoint", checkpoint), ("--data", data), *(("the image", path) for path in samples.paths)])
     if ckpt.calibration:
         reporter.info("the checkpoint is already calibrated: refitting from its uncalibrated outputs")
     reporter.info(f"running the model on {len(samples)} calibration image(s)")

@@ -38,9 +38,24 @@ PretrainedOpt = Annotated[str | None, typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA if present).")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never touch the network (sets HF_HUB_OFFLINE=1).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+# Seeds feed torch's and numpy's generators, which take an int64 at most.
+MAX_SEED = 2**63 - 1
+# Decoding processes per CPU core at most: each is a forked process with its own memory, so an unbounded count
+# forks until memory runs out (--workers 100000 had forked 700 processes holding 11 GB within 45 s).
+WORKERS_PER_CORE = 4
+
+
+def worker_count(value: int | None) -> int | None:
+    """Option callback: at most ``WORKERS_PER_CORE`` decoding processes per CPU core of this machine."""
+    limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if value is not None and value > limit:
+        raise typer.BadParameter(f"{value} is more than {limit} ({WORKERS_PER_CORE} per CPU core on this machine)")
+    return value
+
+
 WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", min=0, help="Decoding processes (default: 0 for a few images or on a CPU with 2 cores, 1 on a "
-                             "larger CPU, up to 4 feeding a GPU).")]
+    "--workers", min=0, callback=worker_count, help="Decoding processes (default: 0 for a few images or on a CPU "
+    "with 2 cores, 1 on a larger CPU, up to 4 feeding a GPU; at most 4 per CPU core).")]
 CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Where image features of a frozen image tower are cached between runs (default: the user "
                         "cache folder, ~/.cache/numclip/features on Linux).", show_default=False)]
@@ -73,6 +88,11 @@ def fraction(value: float | None) -> float | None:
     if value is not None and not 0 < value < 1:  # False for NaN too
         raise typer.BadParameter(f"{value} is not between 0 and 1 (both excluded)")
     return value
+
+
+def task_file(task: str | None) -> str | None:
+    """The file a ``--task`` value names (a .toml or .json spec); None for a built-in task's name or no --task."""
+    return task if task and Path(task).suffix.lower() in (".toml", ".json") else None
 
 
 def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,7 @@ from numclip_cli.cli.common import (
     non_negative,
     prepare,
     stop_at_safe_points,
+    task_file,
 )
 
 
@@ -86,7 +88,7 @@ def predict(
     from numclip_cli.errors import NumclipError, UsageError
     from numclip_cli.faces import face_crops, resolve_mode
     from numclip_cli.inputs import parse_shard
-    from numclip_cli.locking import claim_outputs
+    from numclip_cli.locking import claim_outputs, refuse_inputs_as_outputs
     from numclip_cli.writers import FORMATS
 
     fmt = output_format or _default_format(output)
@@ -112,6 +114,8 @@ def predict(
     reporter = Reporter(quiet, verbose)
     all_paths, resume_at = _inputs_to_do(paths, recursive, null, shard_at, output if skip_existing else None,
                                          reporter)
+    refuse_inputs_as_outputs([("--output", output)], [("--checkpoint", checkpoint), ("--task", task_file(task)),
+                                                      *(("the input", path) for path in all_paths)])
     if not all_paths:  # success with an empty, valid output (cut back to its complete records when resuming)
         with _sink(output, resume_at):
             pass
@@ -199,8 +203,6 @@ def _default_format(output: Path | None) -> str:
 def _sink(output: Path | None, resume_at: int | None):
     """Where records go: appended in place after the first ``resume_at`` bytes (``--skip-existing``, resumable),
     an atomic rewrite of ``output``, or stdout."""
-    import contextlib
-
     from numclip_cli.atomic import atomic_open
     from numclip_cli.writers import appending
 
@@ -208,7 +210,17 @@ def _sink(output: Path | None, resume_at: int | None):
         return appending(output, resume_at)
     if output is not None:
         return atomic_open(output, "w", encoding="utf-8", newline="")
-    return contextlib.nullcontext(sys.stdout)
+    return _stdout_sink()
+
+
+@contextlib.contextmanager
+def _stdout_sink():
+    """Standard output as the sink, flushed before the command ends (so a full disk is reported as one)."""
+    from numclip_cli.atomic import naming_full_disk
+
+    with naming_full_disk("standard output"):
+        yield sys.stdout
+        sys.stdout.flush()
 
 
 def _run(session, calibration, paths, fmt, output, resume_at, batch_size, workers, reporter, fast=False, crops=None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from numclip_cli.cli.common import QuietOpt, Reporter, VerboseOpt, handle_errors
+from numclip_cli.cli.common import MAX_SEED, QuietOpt, Reporter, VerboseOpt, handle_errors
 
 
 @handle_errors
@@ -17,7 +17,8 @@ def synth(
              "photographs; needs numclip[photos]).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (one sub-folder per label).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, split, i).")] = 0,
+    seed: Annotated[int, typer.Option(
+        "--seed", min=0, max=MAX_SEED, help="Seed; image i depends only on (seed, split, i).")] = 0,
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 64,
     split: Annotated[str, typer.Option("--split", help=(
         "train or test; they never share an image (photo: not even a photograph; the photographs of each "

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from numclip_cli.cli.common import (
+    MAX_SEED,
     CacheDirOpt,
     DeviceOpt,
     ModelOpt,
@@ -29,6 +30,7 @@ from numclip_cli.cli.common import (
     non_negative,
     positive,
     prepare,
+    task_file,
 )
 from numclip_cli.names import METHOD_NAMES, UNTRAINED_METHODS, task_choices
 
@@ -94,7 +96,8 @@ def train(
         show_default=False)] = None,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs after which the LR drops ×0.1, "
                                             "comma-separated; auto: after 60 % and 85 % of --epochs.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for init, data order, augmentation and split.")] = 0,
+    seed: Annotated[int, typer.Option(
+        "--seed", min=0, max=MAX_SEED, help="Seed for init, data order, augmentation and split.")] = 0,
     precision: PrecisionOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
@@ -123,20 +126,22 @@ def train(
     from numclip_cli.datasets import few_shot, load_samples, split_validation
     from numclip_cli.decoding import default_workers
     from numclip_cli.distributed import init_world, launched_by_torchrun
+    from numclip_cli.errors import DataError
     from numclip_cli.faces import DEFAULT_MARGIN, ONE_VIEW_MODES, resolve_mode
     from numclip_cli.factory import open_backbone, resolve_device
-    from numclip_cli.locking import claim_outputs
+    from numclip_cli.locking import claim_outputs, refuse_inputs_as_outputs
     from numclip_cli.tasks import get_task
     from numclip_cli.trainer import TrainConfig, Trainer, last_path
 
     # under torchrun every process runs this command; rank 0 alone talks to the user and writes files
     world = init_world(resolve_device(device).type)
     # outputs are checked, and locked by the rank that writes them, before any work, until the command ends
-    ctx.with_resource(claim_outputs(
-        ("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out), lock=world.is_main))
+    outputs = [("--out", out), ("--out", last_path(out)), ("--metrics-out", metrics_out)]
+    ctx.with_resource(claim_outputs(*outputs, lock=world.is_main))
     reporter = Reporter(quiet or not world.is_main, verbose)
     steps = parse_milestones(milestones, epochs)
-    spec = get_task(task or _task_beside(data))
+    spec_path = task or _task_beside(data)
+    spec = get_task(spec_path)
     face_mode, face_warning = resolve_mode(faces, spec.faces, ONE_VIEW_MODES)
     if face_warning:
         reporter.warn(face_warning)
@@ -147,9 +152,15 @@ def train(
         if short:
             reporter.warn(f"{len(short)} rank(s) have fewer than {shots} images (e.g. {', '.join(short[:3])}): "
                           f"all of theirs are used")
+        if not rest and not val:
+            raise DataError(f"--shots {shots} puts every image of {data} into training, leaving none to validate "
+                            f"on: give --val DATA or a smaller --shots")
         val_set = load_samples(val, spec) if val else split_validation(rest, val_split, seed)[1]
     else:
         train_set, val_set = (samples, load_samples(val, spec)) if val else split_validation(samples, val_split, seed)
+    refuse_inputs_as_outputs(outputs, [
+        ("--data", data), ("--val", val), ("the task spec", task_file(spec_path)),
+        *(("the image", path) for path in [*samples.paths, *val_set.paths])])
     if milestones.strip() != "auto" and min(steps) >= epochs:
         reporter.warn(f"--milestones {milestones}: the learning rate never drops in {epochs} epoch(s)")
     if len(val_set) < FEW_VALIDATION:

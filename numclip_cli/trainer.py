@@ -453,9 +453,10 @@ def _check_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
     """``ValueError`` unless ``state`` fits ``optimizer``: the same parameter groups (with finite, non-negative
     hyperparameters) and RAdam's per-parameter state shaped like each parameter."""
     groups, fresh = state["param_groups"], jsonable(optimizer.state_dict()["param_groups"])
+    # a key this torch has and the file lacks (written by an older torch) keeps the optimizer's default
     if not (isinstance(groups, list) and len(groups) == len(fresh) and all(
-            isinstance(group, dict) and all(key in group and _fits(group[key], value, exact=True)
-                                            for key, value in own.items())
+            isinstance(group, dict) and {"params", "lr"} <= set(group)
+            and all(_fits(group[key], value, exact=True) for key, value in own.items() if key in group)
             for group, own in zip(groups, fresh, strict=True))):
         raise ValueError(f"the optimizer's parameter groups do not match this run's {[g['name'] for g in fresh]}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -478,9 +479,12 @@ def _scheduler_state(raw: Any, scheduler: torch.optim.lr_scheduler.MultiStepLR, 
     """The stored scheduler state, checked against a fresh ``scheduler``'s fields, with its milestones back as
     the ``Counter`` MultiStepLR keeps (JSON has only string keys)."""
     fresh = jsonable(scheduler.state_dict())
-    if not isinstance(raw, dict) or not all(key in raw and _fits(raw[key], value, exact=False)
-                                            for key, value in fresh.items()):
+    # only the fields this torch's scheduler has are restored (load_state_dict would set any other as an attribute,
+    # e.g. over its step method); one this torch has and the file lacks (an older torch) keeps its fresh value
+    if not isinstance(raw, dict) or not {"milestones", "last_epoch"} <= set(raw) or not all(
+            _fits(raw[key], value, exact=False) for key, value in fresh.items() if key in raw):
         raise ValueError(f"the scheduler state lacks or mistypes one of {sorted(fresh)}")
+    raw = {key: raw[key] for key in fresh if key in raw}
     if raw["last_epoch"] != epoch:
         raise ValueError(f"the scheduler stopped at epoch {raw['last_epoch']}, not {epoch}")
     milestones = raw["milestones"]

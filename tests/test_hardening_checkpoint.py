@@ -129,6 +129,16 @@ def test_damaged_resume_state_is_one_error_naming_the_file(case: str, train, tra
     assert last_path(out).read_bytes() == before  # refused before any training
 
 
+@pytest.mark.parametrize("scheduler", [
+    lambda fields: {**fields, "step": 1},  # unknown to the scheduler: dropped, never set over its step method
+    lambda fields: without(fields, "_get_lr_called_within_step")])  # as from an older torch: keeps its default
+def test_scheduler_fields_this_torch_does_not_know_or_lacks_still_resume(scheduler, train, trained: Path,
+                                                                        tmp_path: Path) -> None:
+    out = resume_copy(trained, tmp_path / "run", lambda s: changed(s, scheduler=scheduler(s["scheduler"])))
+    result = train(out, 2, "--resume")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_intact_resume_state_still_resumes(train, trained: Path, tmp_path: Path) -> None:
     out = resume_copy(trained, tmp_path / "run")
     result = train(out, 2, "--resume")

@@ -48,6 +48,7 @@ MIN_CHECK = 20  # fewer held-out images than this measure nothing: fit on all th
 FEW_CHECK = 100  # below this the measured coverage is a rough figure (± 0.06 at 0.9): say so
 FORMAT_GLOBAL, FORMAT_PER_BIN = 1, 2  # metadata version: the oldest reader that serves the calibration right
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
+MAX_ECE_BINS = 1000  # calibration error bins stored with the metrics (calibrate uses 15)
 _SEARCH_STEPS = 80  # golden-section steps on log T: the bracket shrinks to ~1e-16 of its width
 _SCORE_DECIMALS = 6  # stored scores: enough for any quantile, keeps the metadata small
 
@@ -199,6 +200,7 @@ class Calibration:
         try:
             if data["version"] not in (FORMAT_GLOBAL, FORMAT_PER_BIN):
                 raise ValueError(f"calibration version {data['version']!r} is not supported")
+            _check_fields(data)
             per_bin = data["version"] == FORMAT_PER_BIN
             calibration = cls(temperature=float(data["temperature"]), coverage=float(data["coverage"]),
                               interval_scores=_scores(data["scores"]["interval"]),
@@ -219,6 +221,21 @@ class Calibration:
             raise CheckpointError(f"{source}: damaged calibration metadata ({exc}); run `numclip calibrate` "
                                   f"again") from None
         return calibration
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    """The stored fields ``float``/``int``/``list`` would take but ``calibrate`` never writes (``ValueError``)."""
+    if isinstance(data["temperature"], bool):
+        raise ValueError("temperature is true/false, not a number")
+    coverage = data["coverage"]
+    if isinstance(coverage, bool) or not isinstance(coverage, float | int) or not 0 < coverage < 1:
+        raise ValueError(f"coverage {coverage!r:.20} is not a number between 0 and 1")
+    if type(data["ece_bins"]) is not int or not 1 <= data["ece_bins"] <= MAX_ECE_BINS:
+        raise ValueError(f"ece_bins {data['ece_bins']!r:.20} is not a count from 1 to {MAX_ECE_BINS}")
+    fields = {"metrics": dict, "holdout": dict, "warnings": list}
+    if not all(isinstance(data.get(key, kind()), kind) for key, kind in fields.items()) or not all(
+            isinstance(warning, str) for warning in data.get("warnings", [])):
+        raise ValueError("metrics and holdout must be tables, warnings a list of text")
 
 
 def _scores(raw: Any) -> list[float]:

@@ -259,3 +259,14 @@ def test_a_null_field_through_the_cli_is_a_usage_error(run_cli, data: Path, tmp_
     result = run_cli(["train", "--data", data, "--task", spec_file(tmp_path, select=None), *TINY, "--epochs", 1,
                       "--out", tmp_path / "m.safetensors"])
     assert result.exit_code == 2 and "field 'select' is null" in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("coverage", 5.0, "coverage 5.0 is not a number between 0 and 1"), ("coverage", True, "coverage True"),
+    ("temperature", True, "temperature is true/false"), ("ece_bins", 1e300, "ece_bins 1e+300 is not a count"),
+    ("warnings", "abc", "warnings a list of text"), ("metrics", None, "metrics and holdout must be tables"),
+    ("holdout", [1, 2], "metrics and holdout must be tables")])
+def test_calibration_fields_calibrate_never_writes_are_damage(field: str, value: Any, said: str) -> None:
+    with pytest.raises(CheckpointError, match="damaged calibration metadata") as info:
+        Calibration.from_metadata({**calibration_with(1.0), field: value}, "my.safetensors")
+    assert said in str(info.value)

@@ -161,7 +161,7 @@ class LabelledImages(Dataset):
         if self.augment_seed is None:
             return self.transform(image), self.samples.values[index], self.bins[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.augment_seed * 1_000_003 + index)
+            torch.manual_seed((self.augment_seed * 1_000_003 + index) % (1 << 63))  # torch takes an int64
             return self.transform(image), self.samples.values[index], self.bins[index]
 
 

@@ -109,7 +109,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
+    return (seed * 1_000_003 + epoch) % (1 << 63)  # a seed up to 2**63 - 1 still fits torch's int64
 
 
 def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
@@ -168,6 +168,9 @@ class Trainer:
         wanted = {name: params for name, params in groups.items()
                   if not (name == "visual" and not config.tune_image)
                   and not (name == "context" and not tune_context)}
+        if not wanted:
+            raise UsageError(f"method {config.method!r} has nothing left to train with --freeze-context and "
+                             f"--freeze-image: train one of them (--tune-context or --tune-image)")
         self.tunes_image = "visual" in wanted
         self._feature_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         self.cache_dir = cache_dir  # on-disk features of a frozen image tower (None: this run's memory only)

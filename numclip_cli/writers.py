@@ -109,6 +109,12 @@ def _group_open(record: dict[str, Any]) -> bool:
     return isinstance(face, dict) and face.get("index", 0) < face.get("count", 0) - 1
 
 
+# Every JSONL record starts so (``JsonlWriter`` writes "path" first); a line that does not is no record of ours.
+RECORD_START = b'{"path": '
+# Far above any record (1000 bins of probabilities are ~40 KB): a longer line is read no further.
+MAX_RECORD_BYTES = 1 << 24
+
+
 def done_inputs(path: Path) -> tuple[Counter[str], int]:
     """How many times each input (by ``record_key``) is recorded in a JSONL output, and the byte length of its
     complete lines (for resuming). A missing file has none; a torn last line (an interrupted write) is left out,
@@ -121,9 +127,12 @@ def done_inputs(path: Path) -> tuple[Counter[str], int]:
     if not path.exists():
         return done, good
     with path.open("rb") as handle:
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(iter(lambda: handle.readline(MAX_RECORD_BYTES + 1), b""), 1):
             if not line.endswith(b"\n"):
-                break  # an interrupted write: drop the partial line
+                if len(line) <= MAX_RECORD_BYTES and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+                    break  # an interrupted write of a record: drop the partial line
+                raise NumclipError(f"{path} line {number} is not a numclip record (nor part of one): --skip-existing "
+                                   f"appends only to numclip's own JSON lines output")
             try:
                 record = json.loads(line)
                 key, first, more = record_key(record), _first_of_input(record), _group_open(record)

@@ -43,6 +43,23 @@ def test_workers_beyond_four_per_core_are_refused_before_any_work(run_cli, comma
     assert f"more than {4 * (os.cpu_count() or 1)}" in result.stderr
 
 
+def test_coop_with_everything_frozen_is_a_usage_error_and_writes_nothing(run_cli, fill: Path,
+                                                                         tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    result = run_cli(["train", "--data", fill, *TINY, "--method", "coop", "--freeze-context", "--freeze-image",
+                      "--epochs", "1", "--out", out])
+    assert result.exit_code == 2, result.output
+    assert "has nothing left to train" in result.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_largest_seed_help_allows_trains(run_cli, fill: Path, tmp_path: Path) -> None:
+    """Seeds derived from --seed (per epoch, per image) stay within torch's int64 for every allowed --seed."""
+    result = run_cli(["train", "--data", fill, *TINY, "--epochs", "1", "--batch-size", "16", "--seed",
+                      str(2**63 - 1), "--out", tmp_path / "m.safetensors"])
+    assert result.exit_code == 0, result.stderr
+
+
 def test_a_run_without_a_finite_validation_score_says_so_and_keeps_the_old_file(run_cli, fill: Path,
                                                                                   tmp_path: Path) -> None:
     out = tmp_path / "model.safetensors"

@@ -80,3 +80,12 @@ def test_calibrate_refuses_to_write_over_an_input(run_cli, setup: dict[str, Path
     result = run_cli(["calibrate", "--checkpoint", setup["checkpoint"], "--data", setup["list"], "--offline",
                       "--device", "cpu", "--out", tmp_path / "calibrated.safetensors", "--json", target])
     _refused(result, target, before)
+
+
+def test_bench_checks_its_report_before_the_bench_runs(run_cli, setup: dict[str, Path], tmp_path: Path) -> None:
+    target = setup["checkpoint"]
+    before = target.read_bytes()
+    base = ["bench", "--suite", "speed", "--quick", "--model", "numclip-tiny", "--device", "cpu", "--offline"]
+    _refused(run_cli([*base, "--checkpoint", target, "--json", target]), target, before)
+    missing = run_cli([*base, "--json", tmp_path / "no" / "such" / "report.json"])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr

@@ -490,6 +490,25 @@ def test_skip_existing_refuses_a_file_that_is_not_numclip_output(run_cli, synthe
     assert out.read_text() == text  # never truncated
 
 
+@pytest.mark.parametrize("content", [b'{"experiment": "x", "results": [1, 2, 3]}', b"my notes, no newline",
+                                     b'{"path": "a.png", "status": "ok"}\n' + b"x" * (1 << 16)])
+def test_skip_existing_never_cuts_a_last_line_that_is_no_torn_record(content: bytes, run_cli, synthetic_images,
+                                                                     tmp_path: Path, no_work: list[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only an unfinished record (a line starting like one) is an interrupted write to cut off; a file whose last
+    line lacks its newline for another reason is someone else's, and a line longer than any record is not read
+    to its end."""
+    import numclip_cli.writers
+
+    monkeypatch.setattr(numclip_cli.writers, "MAX_RECORD_BYTES", 1 << 15)
+    out = tmp_path / "notes.jsonl"
+    out.write_bytes(content)
+    result = run_cli(["predict", synthetic_images[0], *MODEL, "--output", out, "--skip-existing"])
+    assert result.exit_code == 1, result.stderr
+    assert "is not a numclip record (nor part of one)" in result.stderr
+    assert out.read_bytes() == content
+
+
 # --- helpful emptiness ------------------------------------------------------------------------------------
 
 def test_a_folder_with_images_only_in_sub_folders_suggests_recursive(run_cli, synthetic_dir: Path,

@@ -105,6 +105,12 @@ def bench(
         quick, kinds=_names(kinds) if kinds else None, methods=_names(methods) if methods else None,
         n_train=n_train, n_test=n_test, epochs=epochs, seeds=_ints("--seeds", seeds),
         shots=_ints("--shots", shots), shots_only=shots_only or None) if suite in ("accuracy", "all") else None
+    if json_out:  # a bench runs for minutes: its report must have somewhere to go, and not over its checkpoint
+        from numclip_cli.atomic import check_writable_targets
+        from numclip_cli.locking import refuse_inputs_as_outputs
+
+        check_writable_targets(("--json", json_out))
+        refuse_inputs_as_outputs([("--json", json_out)], [("--checkpoint", checkpoint)])
     reporter = Reporter(quiet, verbose)
     dev = announce_device(device, reporter)
     from numclip_cli.precision import resolve_precision

@@ -29,6 +29,12 @@ _MAX_REPORTED = 5
 _LINE_END = re.compile(r"\r\n|\r|\n")  # the line ends of universal newlines, and no others
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th epoch or image of a run seeded ``seed``: distinct per index, and within the
+    int64 torch takes for every seed up to 2**63 - 1 (identical to seed * 1_000_003 + index below that)."""
+    return (seed * 1_000_003 + index) % (1 << 63)
+
+
 @dataclass
 class Samples:
     """Image paths with their labels in the task unit."""
@@ -161,7 +167,7 @@ class LabelledImages(Dataset):
         if self.augment_seed is None:
             return self.transform(image), self.samples.values[index], self.bins[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.augment_seed * 1_000_003 + index) % (1 << 63))  # torch takes an int64
+            torch.manual_seed(derived_seed(self.augment_seed, index))
             return self.transform(image), self.samples.values[index], self.bins[index]
 
 

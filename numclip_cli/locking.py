@@ -123,17 +123,15 @@ def refuse_inputs_as_outputs(outputs: Iterable[Target], inputs: Iterable[Target]
     another spelling, a hard link or a symlink of the same file is caught; only outputs that already exist are
     compared (a file yet to be created is nobody's input), so the inputs are looked at only then."""
     existing: dict[tuple[int, int], tuple[str, str | os.PathLike]] = {}
-    for option, path in outputs:
+    for option, path in ((option, path) for option, path in outputs if path is not None):
         with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL byte in the path
-            info = os.stat(path) if path is not None else None
-            if info is not None and stat.S_ISREG(info.st_mode):
+            info = os.stat(path)
+            if stat.S_ISREG(info.st_mode):
                 existing[info.st_dev, info.st_ino] = (option, path)
     if not existing:
         return
-    for what, path in inputs:
+    for what, path in ((what, path) for what, path in inputs if path is not None):
         with contextlib.suppress(OSError, ValueError):
-            if path is None:
-                continue
             info = os.stat(path)
             if (info.st_dev, info.st_ino) in existing:
                 option, target = existing[info.st_dev, info.st_ino]

@@ -40,6 +40,7 @@ _MAX_CS_AT = 8
 # Bin edges and tolerances: far beyond any real quantity in any unit, and small enough that sums and midpoints of
 # task values (representatives, boundaries, intervals) stay finite.
 MAX_VALUE = 1e12
+SPEC_SUFFIXES = (".toml", ".json")  # a --task value ending so names a spec file, anything else a built-in task
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def get_task(name_or_path: str) -> TaskSpec:
         text = (resources.files("numclip_cli") / "task_specs" / f"{name_or_path}.toml").read_text("utf-8")
         return task_from_dict(tomllib.loads(text), source=f"built-in task {name_or_path!r}")
     path = Path(name_or_path)
-    if path.suffix.lower() not in (".toml", ".json"):
+    if path.suffix.lower() not in SPEC_SUFFIXES:
         raise TaskSpecError(f"unknown task {name_or_path!r}: use one of {list_tasks()} or a .toml/.json file")
     text = read_text_file(path, MAX_TASK_SPEC_BYTES, "task spec", TaskSpecError)
     try:

@@ -37,7 +37,7 @@ from numclip_cli.checkpoint import (
     round_frozen_init,
     write_checkpoint,
 )
-from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, train_transform
+from numclip_cli.datasets import LabelledImages, Samples, collate_labelled, derived_seed, train_transform
 from numclip_cli.distributed import EpochOrder, World, barrier, gather, mean_across
 from numclip_cli.errors import CheckpointError, NumclipError, UsageError, one_line
 from numclip_cli.faces import DEFAULT_MARGIN, face_transform
@@ -106,10 +106,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (1 << 63)  # a seed up to 2**63 - 1 still fits torch's int64
 
 
 def batch_features(model: OrdinalModel, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
@@ -195,7 +191,7 @@ class Trainer:
     def _loader(self, samples: Samples, train: bool, epoch: int) -> DataLoader:
         """Training: this rank's share of a seeded per-epoch order, augmentation seeded per sample (so the
         result does not depend on worker count or process layout). Evaluation: every sample, in order."""
-        seed = _epoch_seed(self.config.seed, epoch)
+        seed = derived_seed(self.config.seed, epoch)
         transform = face_transform(self.task.faces, self.config.face_margin,  # predict crops the same way
                                    train_transform(self.backbone.preprocess_cfg) if train else self.backbone.preprocess)
         world = self.world if train else World()
@@ -211,7 +207,7 @@ class Trainer:
             return self._loader(samples, train, epoch)
         cached = self._features(samples)
         world = self.world if train else World()
-        order = torch.tensor(list(EpochOrder(len(cached["values"]), _epoch_seed(self.config.seed, epoch), world,
+        order = torch.tensor(list(EpochOrder(len(cached["values"]), derived_seed(self.config.seed, epoch), world,
                                              shuffle=train)), dtype=torch.long)
         batches = [{key: value[index.to(value.device)] for key, value in cached.items() if key != "skipped"}
                    for index in order.split(self.config.batch_size // world.size)]
@@ -262,7 +258,7 @@ class Trainer:
     def train_epoch(self, samples: Samples, epoch: int,
                     on_step: Callable[[int, int, float], None]) -> tuple[float, int]:
         """One pass over the training data; returns (mean loss, skipped images)."""
-        _seed_everything(_epoch_seed(self.config.seed, epoch))
+        _seed_everything(derived_seed(self.config.seed, epoch))
         self.model.train()
         if not self.tunes_image:
             self.model.clip.visual.eval()  # frozen tower: keep its norm/dropout layers in inference behaviour

@@ -92,7 +92,9 @@ def fraction(value: float | None) -> float | None:
 
 def task_file(task: str | None) -> str | None:
     """The file a ``--task`` value names (a .toml or .json spec); None for a built-in task's name or no --task."""
-    return task if task and Path(task).suffix.lower() in (".toml", ".json") else None
+    from numclip_cli.tasks import SPEC_SUFFIXES
+
+    return task if task and Path(task).suffix.lower() in SPEC_SUFFIXES else None
 
 
 def feature_cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
